@@ -1,0 +1,237 @@
+"""Backend registry: which implementation serves each functional op in ``resnet_fast.ops``.
+
+A backend is a name, a priority and a ``load`` function returning ``{op_name: implementation}``.
+``load`` runs once, on first use, so importing resnet_fast never compiles or imports anything heavy;
+if it raises :class:`BackendUnavailable`, the backend is unavailable and the reason is kept.
+
+Selection (per call, in :func:`call`):
+
+* ``"auto"`` (the default): the highest-priority backend that implements the op, loaded, supports
+  the tensors' device and, when autograd needs a graph, is registered as differentiable for that op.
+  ``"torch"`` (the reference) always qualifies, so on CPU auto mode is simply the reference.
+* An explicit name (``set_backend("triton")`` or ``with backend("triton")``): that backend, or, if it
+  cannot serve this call, the reference with a warning said once per (backend, op, reason).
+  With ``strict=True`` the same situation raises :class:`BackendUnavailable` instead, which is how
+  tests prove a kernel really ran.
+
+A kernel that raises at run time (a compile failure, say) is also answered by the reference with one
+warning, unless strict. Input validation happens in ``resnet_fast.ops`` before dispatch, so bad input
+raises a clear error and never reaches this fallback.
+
+A new backend is one file that calls :func:`register_backend`; models and blocks never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "available_backends",
+    "backend",
+    "call",
+    "get_backend",
+    "register_backend",
+    "registered_backends",
+    "resolve",
+    "set_backend",
+]
+
+AUTO = "auto"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot serve a call: not installed, not built, or not for this device or op."""
+
+
+@dataclass
+class Backend:
+    """One implementation family of the functional ops.
+
+    Attributes:
+        name: what users pass to :func:`set_backend`.
+        priority: order in ``"auto"`` mode, highest first.
+        load: returns ``{op_name: fn}``; raises :class:`BackendUnavailable` with a reason.
+        supports_device: whether the implementations run on tensors of this device.
+        differentiable: ops whose implementation records an autograd graph.
+    """
+
+    name: str
+    priority: int
+    load: Callable[[], Mapping[str, Callable]]
+    supports_device: Callable[[torch.device], bool]
+    differentiable: frozenset[str] = frozenset()
+    _ops: Mapping[str, Callable] | None = field(default=None, repr=False)
+    _error: str | None = field(default=None, repr=False)
+
+    def ops(self) -> Mapping[str, Callable]:
+        """Loads the backend once; raises :class:`BackendUnavailable` if it cannot be loaded."""
+        if self._ops is None and self._error is None:
+            try:
+                self._ops = dict(self.load())
+            except BackendUnavailable as e:
+                self._error = str(e)
+            except Exception as e:  # an import or build failure is a reason, never a crash
+                self._error = f"{type(e).__name__}: {e}"
+        if self._error is not None:
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {self._error}")
+        return self._ops
+
+    def is_available(self) -> bool:
+        try:
+            self.ops()
+        except BackendUnavailable:
+            return False
+        return True
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+@dataclass(frozen=True)
+class _Selection:
+    name: str = AUTO
+    strict: bool = False
+
+
+_selection: contextvars.ContextVar[_Selection] = contextvars.ContextVar("resnet_fast_backend", default=_Selection())
+_warned: set[tuple] = set()
+
+
+def register_backend(
+    name: str,
+    load: Callable[[], Mapping[str, Callable]],
+    *,
+    priority: int,
+    supports_device: Callable[[torch.device], bool],
+    differentiable: frozenset[str] | set[str] = frozenset(),
+) -> Backend:
+    """Adds (or replaces) a backend. ``load`` is not called until the backend is first used."""
+    if name == AUTO:
+        raise ValueError(f"backend name {AUTO!r} is reserved")
+    b = Backend(name, priority, load, supports_device, frozenset(differentiable))
+    _REGISTRY[name] = b
+    return b
+
+
+def registered_backends() -> list[str]:
+    """Every registered backend name, available or not, highest priority first."""
+    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
+
+
+def available_backends() -> list[str]:
+    """Backends that load on this machine (loading them if needed), highest priority first."""
+    return [n for n in registered_backends() if _REGISTRY[n].is_available()]
+
+
+def get_backend() -> str:
+    """The current selection: ``"auto"`` or a backend name."""
+    return _selection.get().name
+
+
+def _check_name(name: str) -> None:
+    if name != AUTO and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {[AUTO, *registered_backends()]}")
+
+
+def set_backend(name: str, *, strict: bool = False) -> None:
+    """Selects the backend for the current context (thread / task) from now on.
+
+    Args:
+        name: ``"auto"`` or a registered name (``"torch"``, ``"triton"``, ``"cuda"``).
+        strict: raise instead of falling back to the reference when the backend cannot serve a call.
+    """
+    _check_name(name)
+    _selection.set(_Selection(name, strict))
+
+
+@contextlib.contextmanager
+def backend(name: str, *, strict: bool = False) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`; restores the previous selection on exit."""
+    _check_name(name)
+    token = _selection.set(_Selection(name, strict))
+    try:
+        yield
+    finally:
+        _selection.reset(token)
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _usable(b: Backend, op: str, device: torch.device, needs_grad: bool) -> str | None:
+    """None if ``b`` can serve this call, else the reason it cannot."""
+    try:
+        ops = b.ops()
+    except BackendUnavailable as e:
+        return str(e)
+    if op not in ops:
+        return f"backend {b.name!r} does not implement {op!r}"
+    if not b.supports_device(device):
+        return f"backend {b.name!r} does not run on {device.type} tensors"
+    if needs_grad and op not in b.differentiable:
+        return f"backend {b.name!r} has no backward for {op!r}"
+    return None
+
+
+def resolve(op: str, device: torch.device, needs_grad: bool = False) -> tuple[str, Callable]:
+    """The (backend name, implementation) that :func:`call` would use for this op."""
+    sel = _selection.get()
+    if sel.name == AUTO:
+        for name in registered_backends():
+            b = _REGISTRY[name]
+            if _usable(b, op, device, needs_grad) is None:
+                return name, b.ops()[op]
+        raise BackendUnavailable(f"no backend implements {op!r}")
+    reason = _usable(_REGISTRY[sel.name], op, device, needs_grad)
+    if reason is None:
+        return sel.name, _REGISTRY[sel.name].ops()[op]
+    if sel.strict:
+        raise BackendUnavailable(reason)
+    # Needing a backward is routine (training), not a failure worth a warning.
+    if not (needs_grad and reason.endswith(f"no backward for {op!r}")):
+        _warn_once((sel.name, op, reason), f"{reason}; using the 'torch' reference backend instead")
+    return "torch", _REGISTRY["torch"].ops()[op]
+
+
+def call(op: str, *args, device: torch.device, needs_grad: bool, **kwargs):
+    """Runs ``op`` on the selected backend, falling back to the reference if its kernel fails."""
+    name, fn = resolve(op, device, needs_grad)
+    if name == "torch":
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if _selection.get().strict:
+            raise
+        _warn_once(
+            (name, op, "failed"),
+            f"backend {name!r} failed on {op!r} ({type(e).__name__}: {e}); using the 'torch' reference backend",
+        )
+        return _REGISTRY["torch"].ops()[op](*args, **kwargs)
+
+
+def _register_builtin() -> None:
+    # Each module registers itself; a missing optional dependency only makes that backend unavailable.
+    for module in ("reference", "triton_backend", "cuda_backend"):
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{module}":
+                raise
+
+
+_register_builtin()
