@@ -35,6 +35,7 @@ import torch
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "Unsupported",
     "available_backends",
     "backend",
     "call",
@@ -52,6 +53,12 @@ class BackendUnavailable(RuntimeError):
     """A backend cannot serve a call: not installed, not built, or not for this device or op."""
 
 
+class Unsupported(BackendUnavailable):
+    """Raised by an implementation, before it launches anything, for arguments it does not handle
+    (grouped convolutions, say). The call is answered by the reference: silently in ``"auto"`` mode,
+    with one warning for an explicitly selected backend, and not at all in strict mode (it raises)."""
+
+
 @dataclass
 class Backend:
     """One implementation family of the functional ops.
@@ -62,6 +69,8 @@ class Backend:
         load: returns ``{op_name: fn}``; raises :class:`BackendUnavailable` with a reason.
         supports_device: whether the implementations run on tensors of this device.
         differentiable: ops whose implementation records an autograd graph.
+        auto_select: whether ``"auto"`` mode may pick it for a device (default: ``supports_device``);
+            Triton's interpreter runs on CPU tensors, but only tests should choose it there.
     """
 
     name: str
@@ -69,6 +78,7 @@ class Backend:
     load: Callable[[], Mapping[str, Callable]]
     supports_device: Callable[[torch.device], bool]
     differentiable: frozenset[str] = frozenset()
+    auto_select: Callable[[torch.device], bool] | None = None
     _ops: Mapping[str, Callable] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
 
@@ -113,11 +123,12 @@ def register_backend(
     priority: int,
     supports_device: Callable[[torch.device], bool],
     differentiable: frozenset[str] | set[str] = frozenset(),
+    auto_select: Callable[[torch.device], bool] | None = None,
 ) -> Backend:
     """Adds (or replaces) a backend. ``load`` is not called until the backend is first used."""
     if name == AUTO:
         raise ValueError(f"backend name {AUTO!r} is reserved")
-    b = Backend(name, priority, load, supports_device, frozenset(differentiable))
+    b = Backend(name, priority, load, supports_device, frozenset(differentiable), auto_select)
     _REGISTRY[name] = b
     return b
 
@@ -191,6 +202,8 @@ def resolve(op: str, device: torch.device, needs_grad: bool = False) -> tuple[st
     if sel.name == AUTO:
         for name in registered_backends():
             b = _REGISTRY[name]
+            if b.auto_select is not None and not b.auto_select(device):
+                continue
             if _usable(b, op, device, needs_grad) is None:
                 return name, b.ops()[op]
         raise BackendUnavailable(f"no backend implements {op!r}")
@@ -214,6 +227,13 @@ def call(op: str, *args, device: torch.device, needs_grad: bool, **kwargs):
         return fn(*args, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise
+    except Unsupported as e:
+        sel = _selection.get()
+        if sel.strict:
+            raise
+        if sel.name != AUTO:
+            _warn_once((name, op, str(e)), f"backend {name!r}: {e}; using the 'torch' reference backend for these calls")
+        return _REGISTRY["torch"].ops()[op](*args, **kwargs)
     except Exception as e:
         if _selection.get().strict:
             raise
