@@ -1,0 +1,34 @@
+"""``convert``: give an existing pipeline's torchvision ResNets the fused forward, in place."""
+
+from __future__ import annotations
+
+import torchvision.models.resnet as tv
+from torch import nn
+
+from resnet_fast.models.conv_bn import FoldCache
+from resnet_fast.models.resnet import BasicBlock, Bottleneck, ResNet
+
+__all__ = ["convert"]
+
+_CLASSES = {tv.BasicBlock: BasicBlock, tv.Bottleneck: Bottleneck}
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Turns every torchvision ``ResNet``, ``BasicBlock`` and ``Bottleneck`` inside ``module`` (or
+    ``module`` itself) into resnet_fast's, and returns ``module``.
+
+    The conversion is in place: the same module objects, parameters and buffers (so an optimizer
+    built on them still holds the right tensors), device, dtype, train/eval mode and hooks; only the
+    class changes (resnet_fast's subclass torchvision's, so ``isinstance`` checks still hold). Outputs
+    are the same up to floating-point rounding. Subclasses of torchvision's classes are left alone:
+    their forward may differ.
+    """
+    for m in module.modules():
+        if type(m) in _CLASSES:
+            m.__class__ = _CLASSES[type(m)]
+            m._fold_cache = FoldCache()
+        elif type(m) is tv.ResNet:
+            m.__class__ = ResNet
+            stages = [n for n, _ in m.named_children() if n.startswith("layer")]
+            m._init_runtime_state("imagenet", len(stages), m.fc.in_features)
+    return module

@@ -1,0 +1,244 @@
+"""Fused convolution: ``relu?(conv2d(x, W) + bias + residual)`` as one implicit-GEMM Triton kernel.
+
+The convolution is a GEMM ``[M, K] x [K, C_out]`` with ``M = N * H_out * W_out`` output pixels and
+``K = kH * kW * C_in`` taps; the A operand is never materialised (each tile is gathered from x with
+masked loads, which also gives the zero padding). Accumulation is in float32 and the epilogue (bias,
+residual, ReLU, cast) runs on the accumulator before the single store.
+
+Layouts: every tensor is addressed through its strides, so NCHW, channels_last and strided views all
+work; channels_last activations and weights (``[C_out, kH, kW, C_in]`` in memory, as the models' fold
+cache provides them) make the channel loads contiguous and are the fast path. Nothing is copied per call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from resnet_fast.backends import Unsupported
+
+# Triton's interpreter runs kernels on CPU tensors with numpy: benchmarking (autotune) needs a GPU
+# there, and its bf16 tl.dot multiplies raw bit patterns, so operands are upcast to float32.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Hopper has 227 KiB of shared memory per block: (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes * num_stages
+# stays under it for 16-bit types; float32 configs that do not fit fail to compile and the autotuner
+# skips them.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 5, 4),
+        (128, 32, 64, 4, 4),
+        (64, 32, 32, 5, 4),
+    ]
+]
+# Under the interpreter each program costs milliseconds: large tiles, one fixed config.
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)
+
+
+@triton.jit
+def _accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b with float32 accumulation."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.heuristics(
+    {
+        # Few input channels (the 3-channel stem): flatten (r, s, c) into K so that a K block holds
+        # several taps instead of padding every tap's 3 channels to BLOCK_K.
+        "FLAT_K": lambda args: args["C_in"] < args["BLOCK_K"],
+        "HAS_BIAS": lambda args: args["b_ptr"] is not None,
+        "HAS_RESIDUAL": lambda args: args["r_ptr"] is not None,
+    }
+)
+@triton.jit
+def _conv_bias_act_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+    M, C_in, H, W, C_out, H_out, W_out,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_c, sw_h, sw_w,
+    sb,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FLAT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(C_out, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    # Output pixel m = (n, oh, ow); image offsets in int64 since activations may exceed 2^31 elements.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out
+    ow = offs_m % W_out
+    oh = (offs_m // W_out) % H_out
+    img = (offs_m // (W_out * H_out)).to(tl.int64)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_img = x_ptr + img * sx_n
+    w_col = w_ptr + offs_n * sw_o
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+            k = k0 + offs_k
+            c = k % C_in
+            r = k // (C_in * KW)
+            s = (k // C_in) % KW
+            ih = ih0[:, None] + r[None, :] * dil_h
+            iw = iw0[:, None] + s[None, :] * dil_w
+            a_ok = m_ok[:, None] & (k < KH * KW * C_in)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(
+                x_img[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[None, :] * sx_c,
+                mask=a_ok, other=0.0,
+            )
+            w_tap = r * sw_h + s * sw_w + c * sw_c
+            b = tl.load(w_col[None, :] + w_tap[:, None], mask=(k < KH * KW * C_in)[:, None] & n_ok[None, :], other=0.0)
+            acc = _accumulate(a, b, acc, PRECISION, UPCAST)
+    else:
+        # One tap (r, s) at a time: the spatial mask and row addresses are per pixel, the inner loop
+        # walks contiguous channel blocks.
+        for r in range(KH):
+            ih = ih0 + r * dil_h
+            for s in range(KW):
+                iw = iw0 + s * dil_w
+                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_pix = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+                w_tap = w_col + r * sw_h + s * sw_w
+                for c0 in range(0, C_in, BLOCK_K):
+                    c = c0 + offs_k
+                    c_ok = c < C_in
+                    a = tl.load(x_pix[:, None] + c[None, :] * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc = _accumulate(a, b, acc, PRECISION, UPCAST)
+
+    # Epilogue in float32: folded-BN bias, residual, ReLU, then one cast and one store.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n * sb, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_off = (img * sr_n + oh64 * sr_h + ow64 * sr_w)[:, None] + offs_n[None, :] * sr_c
+        acc += tl.load(r_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_off = (img * sy_n + oh64 * sy_h + ow64 * sy_w)[:, None] + offs_n[None, :] * sy_c
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+_kernel = (
+    _conv_bias_act_kernel
+    if _INTERPRET
+    else triton.autotune(_GPU_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h"])(
+        _conv_bias_act_kernel
+    )
+)
+
+
+def _launch(grid_for: Callable[[dict], tuple[int]], *args, **kwargs) -> None:
+    """Launches the kernel: autotuned on a GPU, with the fixed interpreter config otherwise."""
+    if _INTERPRET:
+        cfg = _INTERPRETER_CONFIG
+        _kernel[grid_for(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    else:
+        _kernel[grid_for](*args, **kwargs)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x is laid out NHWC: channels innermost (ties from size-1 dimensions included) and
+    below the row stride. Ambiguous tensors (``[N, C, 1, 1]`` contiguous) count as NCHW, as in torch."""
+    return x.stride(1) <= x.stride(3) and x.stride(1) < x.stride(2)
+
+
+def _empty_output(x: torch.Tensor, c_out: int, h_out: int, w_out: int) -> torch.Tensor:
+    """The uninitialised ``[N, C_out, H_out, W_out]`` output in x's dtype, device and memory format."""
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.empty((x.shape[0], c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only where torch allows it for matmuls; exact products otherwise."""
+    if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, weight, bias, stride, padding, dilation) + residual)`` in one kernel launch.
+
+    Arguments are those of :func:`resnet_fast.ops.reference.conv_bias_act`, already validated.
+
+    Args:
+        x: ``[N, C_in, H, W]`` float32/float16/bfloat16, any strides (channels_last is the fast path).
+        weight: ``[C_out, C_in, kH, kW]``, x's dtype, any strides; channels_last (``[C_out, kH, kW, C_in]``
+            in memory) is the fast path.
+        bias: ``[C_out]`` or None.
+        stride, padding, dilation: (h, w) pairs.
+        groups: must be 1: grouped convolutions (ResNeXt) raise :class:`Unsupported`, which sends the
+            call to the reference backend (or raises in strict mode).
+        residual: ``[N, C_out, H_out, W_out]`` with any strides, or None.
+        relu: apply ReLU after the residual add.
+    Returns:
+        ``[N, C_out, H_out, W_out]`` in x's dtype; channels_last if x is, NCHW-contiguous otherwise.
+    """
+    if groups != 1:
+        raise Unsupported(f"grouped convolution (groups={groups}) runs on the reference backend")
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = _empty_output(x, c_out, h_out, w_out)
+    m = n * h_out * w_out
+    if m == 0 or c_out == 0:
+        return y
+    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)
+
+    _launch(
+        grid,
+        x, weight, bias, residual, y,
+        m, c_in, h, w, c_out, h_out, w_out,
+        *stride, *padding, *dilation,
+        *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, *r_strides, *y.stride(),
+        KH=kh, KW=kw, RELU=relu, PRECISION=_input_precision(x.dtype),
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+    )
+    return y

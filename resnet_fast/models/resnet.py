@@ -1,0 +1,296 @@
+"""torchvision-compatible ResNets whose blocks dispatch to the fused ops.
+
+Same constructor arguments, attribute names and state_dict keys as ``torchvision.models.resnet``;
+the classes subclass torchvision's, so ``isinstance`` checks written for torchvision still hold.
+Eval-mode blocks fold BatchNorm into each convolution and run conv + bias (+ residual) + ReLU as one
+op; train-mode blocks run the convolution and ``ops.batch_norm_act``. Activations are kept in
+channels_last from the stem to the head (NCHW input is converted once, at entry).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torchvision.models.resnet as tv
+from torch import nn
+
+from resnet_fast.models.conv_bn import FoldCache, conv_bn_act, downsample
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]
+
+STEMS = ("imagenet", "cifar")
+
+
+def _block_shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if block.downsample is None else downsample(block.downsample, x, block._fold_cache)
+
+
+class BasicBlock(tv.BasicBlock):
+    """Two 3x3 convolutions with a residual connection (torchvision's signature and attributes)."""
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._fold_cache = FoldCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = _block_shortcut(self, x)
+        out = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
+        return conv_bn_act(self.conv2, self.bn2, out, self._fold_cache, residual=identity, relu=True)
+
+
+class Bottleneck(tv.Bottleneck):
+    """1x1 reduce, 3x3 (carrying the stride: ResNet v1.5), 1x1 expand, with a residual connection."""
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        self._fold_cache = FoldCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = _block_shortcut(self, x)
+        out = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
+        out = conv_bn_act(self.conv2, self.bn2, out, self._fold_cache, relu=True)
+        return conv_bn_act(self.conv3, self.bn3, out, self._fold_cache, residual=identity, relu=True)
+
+
+class ResNet(tv.ResNet):
+    """ResNet with torchvision's arguments and state_dict keys, plus input/stem/width options.
+
+    Args (beyond torchvision's):
+        in_channels: channels of the input image (1 for grayscale; any N >= 1).
+        stem: ``"imagenet"`` (7x7 stride-2 conv, then 3x3 stride-2 max-pool) or ``"cifar"`` (3x3
+            stride-1 conv, no pooling: for 32x32-class images). Both keep the names ``conv1``/``bn1``/``maxpool``.
+        widths: planes of each stage; ``len(layers)`` stages named ``layer1``... Default
+            ``64 * 2**i`` per stage, i.e. ``(64, 128, 256, 512)`` for four.
+    Input: ``[N, in_channels, H, W]`` float tensor, NCHW or channels_last, H and W >= 1.
+    Output: ``[N, num_classes]`` logits.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: Sequence[int],
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        replace_stride_with_dilation: Sequence[bool] | None = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        widths: Sequence[int] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # torchvision's __init__ hard-codes the stem and four stages
+        layers = list(layers)
+        if not layers or any(int(n) < 1 for n in layers):
+            raise ValueError(f"layers must be a non-empty list of block counts >= 1, got {layers}")
+        widths = [64 * 2**i for i in range(len(layers))] if widths is None else [int(w) for w in widths]
+        if len(widths) != len(layers) or min(widths) < 1:
+            raise ValueError(f"widths must give one positive width per stage ({len(layers)} stages), got {widths}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False] * (len(layers) - 1)
+        if len(replace_stride_with_dilation) != len(layers) - 1:
+            raise ValueError(
+                f"replace_stride_with_dilation should be None or a {len(layers) - 1}-element tuple, "
+                f"got {replace_stride_with_dilation}"
+            )
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        self._norm_layer = norm_layer
+        self.inplanes = widths[0]
+        self.dilation = 1
+        self.groups = groups
+        self.base_width = width_per_group
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        for i, (planes, blocks) in enumerate(zip(widths, layers)):
+            dilate = i > 0 and replace_stride_with_dilation[i - 1]
+            stage = self._make_layer(block, planes, blocks, stride=1 if i == 0 else 2, dilate=dilate)
+            setattr(self, f"layer{i + 1}", stage)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+        self._init_runtime_state(stem, len(layers), widths[-1] * block.expansion)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, tv.Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, tv.BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _init_runtime_state(self, stem: str, num_stages: int, num_features: int) -> None:
+        """Attributes torchvision's ResNet lacks; ``convert`` calls this on converted instances."""
+        self.stem_type = stem
+        self.stage_names = [f"layer{i + 1}" for i in range(num_stages)]
+        self.num_features = num_features
+        self._fold_cache = FoldCache()
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv1.in_channels
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be a 4-D [N, C, H, W] image batch, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.conv1.in_channels:
+            raise ValueError(
+                f"x must have {self.conv1.in_channels} channels (the model's in_channels), got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}); see resnet_fast.adapt_input_channels to port a model to other inputs"
+            )
+        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"x must have a batch and an image of at least 1x1, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        weight = self.conv1.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}; "
+                "cast one to the other or run under torch.autocast"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]`` (channels_last)."""
+        self._check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
+        x = self.maxpool(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map -> pooled features ``[N, num_features]`` (``pre_logits``) or logits."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replaces the head with a fresh ``Linear(num_features, num_classes)`` (``Identity`` for 0)."""
+        old = self.fc.weight if isinstance(self.fc, nn.Linear) else self.conv1.weight
+        if num_classes > 0:
+            self.fc = nn.Linear(self.num_features, num_classes, device=old.device, dtype=old.dtype)
+        else:
+            self.fc = nn.Identity()
+
+
+def _resnet(arch: str, block: type, layers: list[int], weights: Any, progress: bool, **kwargs: Any) -> ResNet:
+    model = ResNet(block, layers, **kwargs)
+    if weights is not None:
+        from resnet_fast.weights import load_pretrained
+
+        load_pretrained(model, weights, arch=arch, progress=progress)
+    return model
+
+
+def _factory(arch: str, block: type, layers: list[int], defaults: dict[str, Any], doc: str) -> Callable[..., ResNet]:
+    def build(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+        for key, value in defaults.items():
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(f"{arch} has {key}={value}, got {key}={kwargs[key]}")
+            kwargs[key] = value
+        return _resnet(arch, block, layers, weights, progress, **kwargs)
+
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = (
+        f"{doc}\n\n"
+        "Args:\n"
+        "    weights: None, a torchvision weights enum or its name (``'IMAGENET1K_V2'``, ``'DEFAULT'`` or\n"
+        "        ``'ResNet50_Weights.IMAGENET1K_V2'``; fetched by torchvision), a state_dict, or a checkpoint path.\n"
+        "        With ``num_classes != 1000`` the head is left new; with ``in_channels != 3`` conv1 is ported\n"
+        "        by ``adapt_input_channels`` (method ``'sum'``).\n"
+        "    progress: show torchvision's download progress bar.\n"
+        "    **kwargs: :class:`ResNet` arguments (``num_classes``, ``in_channels``, ``stem``, ...)."
+    )
+    return build
+
+
+resnet18 = _factory("resnet18", BasicBlock, [2, 2, 2, 2], {}, "ResNet-18.")
+resnet34 = _factory("resnet34", BasicBlock, [3, 4, 6, 3], {}, "ResNet-34.")
+resnet50 = _factory("resnet50", Bottleneck, [3, 4, 6, 3], {}, "ResNet-50 (v1.5: stride on the 3x3).")
+resnet101 = _factory("resnet101", Bottleneck, [3, 4, 23, 3], {}, "ResNet-101.")
+resnet152 = _factory("resnet152", Bottleneck, [3, 8, 36, 3], {}, "ResNet-152.")
+resnext50_32x4d = _factory(
+    "resnext50_32x4d", Bottleneck, [3, 4, 6, 3], {"groups": 32, "width_per_group": 4}, "ResNeXt-50 32x4d."
+)
+resnext101_32x8d = _factory(
+    "resnext101_32x8d", Bottleneck, [3, 4, 23, 3], {"groups": 32, "width_per_group": 8}, "ResNeXt-101 32x8d."
+)
+resnext101_64x4d = _factory(
+    "resnext101_64x4d", Bottleneck, [3, 4, 23, 3], {"groups": 64, "width_per_group": 4}, "ResNeXt-101 64x4d."
+)
+wide_resnet50_2 = _factory(
+    "wide_resnet50_2", Bottleneck, [3, 4, 6, 3], {"width_per_group": 128}, "Wide ResNet-50-2."
+)
+wide_resnet101_2 = _factory(
+    "wide_resnet101_2", Bottleneck, [3, 4, 23, 3], {"width_per_group": 128}, "Wide ResNet-101-2."
+)
+
+ARCHS: dict[str, Callable[..., ResNet]] = {
+    f.__name__: f
+    for f in (
+        resnet18, resnet34, resnet50, resnet101, resnet152,
+        resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2,
+    )
+}
