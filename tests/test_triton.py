@@ -1,0 +1,297 @@
+"""The "triton" backend against the float64 reference.
+
+On CPU these run through Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``), so shapes stay
+small. Every kernel call goes through the public op under ``backend("triton", strict=True)``: a
+silent fallback to the reference would raise instead of passing. Outputs are poisoned with NaN at
+allocation so an element the kernel fails to write cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast import backends, ops
+from resnet_fast.ops import reference
+
+from conftest import lowp_tolerance, rel_err, requires_cuda
+
+triton = pytest.importorskip("triton")
+conv_kernels = pytest.importorskip("resnet_fast.kernels.conv_bias_act")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+FP32_TOL = 1e-5
+# Under the interpreter float32 -> bfloat16 casts truncate instead of rounding: one more bf16 ulp.
+BF16_INTERPRETER_ULP = 2.0**-8 if INTERPRET else 0.0
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    """The conv launcher's output buffer starts as NaN, so unwritten elements fail ``rel_err``."""
+    empty = conv_kernels._empty_output
+
+    def poisoned(*args, **kwargs):
+        return empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(conv_kernels, "_empty_output", poisoned)
+
+
+def _fmt(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _check_conv(
+    n: int, c_in: int, c_out: int, hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation,
+    dtype: torch.dtype, channels_last: bool, residual: bool, relu: bool, device: str = DEVICE,
+) -> None:
+    """Runs ops.conv_bias_act on the strict triton backend and checks it against float64."""
+    fmt = _fmt(channels_last)
+    # .to() restrides even where C_in = 1 makes NCHW and NHWC both 'contiguous' (.contiguous() would not).
+    x = torch.randn(n, c_in, *hw, device=device, dtype=dtype).to(memory_format=fmt)
+    # Folded weights arrive channels_last from the models' fold cache; scaled so outputs stay O(1).
+    w = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(c_out, device=device, dtype=dtype)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation)
+    h_out = ops.conv_output_size(hw[0], kernel[0], *(_pair(v)[0] for v in (stride, padding, dilation)))
+    w_out = ops.conv_output_size(hw[1], kernel[1], *(_pair(v)[1] for v in (stride, padding, dilation)))
+    # The residual in the other layout: the epilogue must honour its strides, whatever they are.
+    r = (
+        torch.randn(n, c_out, h_out, w_out, device=device, dtype=dtype).contiguous(memory_format=_fmt(not channels_last))
+        if residual
+        else None
+    )
+
+    with resnet_fast.backend("triton", strict=True):
+        out = ops.conv_bias_act(x, w, b, residual=r, relu=relu, **geometry)
+
+    def ref(*ts):
+        return reference.conv_bias_act(
+            *ts[:3], _pair(stride), _pair(padding), _pair(dilation), 1, ts[3], relu
+        )
+
+    ref64 = ref(x.double(), w.double(), b.double(), None if r is None else r.double())
+    assert out.shape == ref64.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()} are not {fmt}"
+    err = rel_err(out, ref64)
+    if dtype == torch.float32:
+        assert err <= FP32_TOL, err
+    else:
+        tol = lowp_tolerance(dtype, ref(x, w, b, r), ref64)
+        if dtype == torch.bfloat16:
+            tol += BF16_INTERPRETER_ULP
+        assert err <= tol, (err, tol)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+# Every (kernel, stride, dilation) geometry with every channel count; the remaining dimensions
+# (layout, dtype, residual, ReLU, C_out parity, padding) rotate through the cases so each value of
+# each appears many times without a full cartesian product (which the interpreter could not afford).
+_GEOMETRIES = list(itertools.product((1, 3, 7), (1, 2), (1, 2)))
+_C_IN = (1, 3, 5, 16, 32)
+_SWEEP = []
+for i, ((k, s, d), c_in) in enumerate(itertools.product(_GEOMETRIES, _C_IN)):
+    # No padding, 'same' padding, or one more; at least enough that a 13-wide dilated 7x7 fits the 9x8 image.
+    pad = max((0, (k // 2) * d, (k // 2) * d + 1)[i % 3], -(-((k - 1) * d + 1 - 8) // 2))
+    _SWEEP.append(
+        pytest.param(
+            c_in, (7, 8)[i % 2] + (i % 5) * 2, k, s, pad, d,
+            (torch.float32, torch.float16)[(i // 2) % 2], bool(i % 3 % 2), bool((i // 3) % 2), bool(i % 4 < 3),
+            id=f"k{k}s{s}d{d}p{pad}-cin{c_in}-{i}",
+        )
+    )
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad,dil,dtype,channels_last,residual,relu", _SWEEP)
+def test_conv_sweep(c_in, c_out, k, stride, pad, dil, dtype, channels_last, residual, relu):
+    _check_conv(2, c_in, c_out, (9, 8), (k, k), stride, pad, dil, dtype, channels_last, residual, relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_epilogue_and_layouts(dtype, channels_last, residual, relu):
+    """The full product of the epilogue options and layouts on one 3x3 conv (C_in not a multiple of 16)."""
+    _check_conv(1, 20, 9, (6, 7), (3, 3), 1, 1, 1, dtype, channels_last, residual, relu)
+
+
+@pytest.mark.parametrize(
+    "c_in,kernel,stride,padding,dilation,hw",
+    [
+        (4, (1, 3), (1, 2), (0, 1), 1, (5, 9)),  # non-square kernel, per-axis stride and padding
+        (6, (3, 1), (2, 1), (2, 0), (2, 1), (9, 4)),  # per-axis dilation
+        (3, (7, 7), 2, 3, 1, (17, 15)),  # the ImageNet stem on an odd image
+        (24, (3, 3), 2, 0, 1, (3, 3)),  # a single output pixel
+        (8, (1, 1), 1, 0, 1, (1, 1)),  # a 1x1 image
+        (40, (1, 1), 2, 0, 1, (11, 11)),  # the strided 1x1 downsample
+    ],
+)
+def test_conv_odd_geometry(c_in, kernel, stride, padding, dilation, hw):
+    _check_conv(3, c_in, 33, hw, kernel, stride, padding, dilation, torch.float32, True, True, True)
+
+
+def test_conv_bfloat16():
+    """bf16 runs in the interpreter too (operands upcast for tl.dot there); fully checked on GPU below."""
+    _check_conv(2, 16, 12, (6, 6), (3, 3), 1, 1, 1, torch.bfloat16, True, True, True)
+
+
+def test_conv_without_bias_and_with_strided_views():
+    """No bias; x, weight and residual as non-contiguous views (neither NCHW nor NHWC dense)."""
+    x = torch.randn(2, 10, 9, 16, device=DEVICE)[:, 1:8, :, ::2]  # [2, 7, 9, 8]
+    w = torch.randn(12, 3, 3, 14, device=DEVICE).permute(0, 3, 1, 2)[:, ::2]  # [12, 7, 3, 3]
+    r = torch.randn(2, 12, 6, 7, device=DEVICE).transpose(2, 3)  # [2, 12, 7, 6]
+    with resnet_fast.backend("triton", strict=True):
+        out = ops.conv_bias_act(x, w, None, stride=1, padding=0, residual=r, relu=True)
+    ref = reference.conv_bias_act(x.double(), w.double(), None, (1, 1), (0, 0), (1, 1), 1, r.double(), True)
+    assert rel_err(out, ref) <= FP32_TOL
+
+
+def test_grouped_conv_goes_to_reference_explicitly(monkeypatch):
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    with resnet_fast.backend("triton", strict=True):
+        with pytest.raises(backends.Unsupported, match="grouped convolution"):
+            ops.conv_bias_act(x, w, groups=2)
+    monkeypatch.setattr(backends, "_warned", set())
+    with resnet_fast.backend("triton"), pytest.warns(RuntimeWarning, match="grouped convolution"):
+        out = ops.conv_bias_act(x, w, groups=2, relu=False)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, groups=2))
+
+
+def test_selection():
+    """Auto mode picks triton for CUDA only (never the interpreter); loading is lazy."""
+    name, _ = backends.resolve("conv_bias_act", torch.device("cpu"))
+    assert name == "torch"
+    if torch.cuda.is_available():
+        assert backends.resolve("conv_bias_act", torch.device("cuda"))[0] == "triton"
+    code = "import sys, resnet_fast; assert 'resnet_fast.kernels' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_needs_grad_goes_to_reference():
+    x = torch.randn(1, 3, 4, 4, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE)
+    with resnet_fast.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # routine training calls do not warn
+        ops.conv_bias_act(x, w).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: torch.randn(1), id="1"),
+        pytest.param(lambda: torch.randn(7), id="7"),
+        pytest.param(lambda: torch.randn(1023), id="1023"),
+        pytest.param(lambda: torch.randn(4097), id="4097"),
+        pytest.param(lambda: torch.randn(()), id="0-d"),
+        pytest.param(lambda: torch.randn(0, 3), id="empty"),
+        pytest.param(lambda: torch.randn(3, 5, 7), id="3-D"),
+        pytest.param(lambda: torch.randn(2, 3, 2, 5, 3), id="5-D"),
+        pytest.param(lambda: torch.randn(2, 5, 3, 7).contiguous(memory_format=torch.channels_last), id="channels_last"),
+        pytest.param(lambda: torch.randn(6, 9).t(), id="transposed"),
+        pytest.param(lambda: torch.randn(4, 10, 3)[:, ::3], id="strided"),
+    ],
+)
+@pytest.mark.parametrize("y_layout", ["same", "contiguous"])
+def test_add_relu(make, dtype, y_layout):
+    x = make().to(DEVICE, dtype)
+    y = torch.randn_like(x) if y_layout == "same" else torch.randn(x.shape, device=DEVICE, dtype=dtype)
+    with resnet_fast.backend("triton", strict=True):
+        out = ops.add_relu(x, y)
+    torch.testing.assert_close(out, torch.relu(x.double() + y.double()).to(dtype))
+    assert out.stride() == torch.empty_like(x).stride()
+
+
+# ---------------------------------------------------------------- GPU only
+
+# Every distinct ResNet-50 convolution with the epilogue it runs with in the network:
+# (C_in, C_out, kernel, stride, input size, residual, relu). The block's last 1x1 adds the residual
+# and applies ReLU; the strided downsample 1x1 has neither; the others apply ReLU.
+RESNET50_CONVS = [
+    (3, 64, 7, 2, 224, False, True),
+    (64, 64, 1, 1, 56, False, True), (64, 64, 3, 1, 56, False, True), (64, 256, 1, 1, 56, True, True),
+    (256, 64, 1, 1, 56, False, True),
+    (256, 128, 1, 1, 56, False, True), (128, 128, 3, 2, 56, False, True), (128, 512, 1, 1, 28, True, True),
+    (256, 512, 1, 2, 56, False, False), (512, 128, 1, 1, 28, False, True), (128, 128, 3, 1, 28, False, True),
+    (512, 256, 1, 1, 28, False, True), (256, 256, 3, 2, 28, False, True), (256, 1024, 1, 1, 14, True, True),
+    (512, 1024, 1, 2, 28, False, False), (1024, 256, 1, 1, 14, False, True), (256, 256, 3, 1, 14, False, True),
+    (1024, 512, 1, 1, 14, False, True), (512, 512, 3, 2, 14, False, True), (512, 2048, 1, 1, 7, True, True),
+    (1024, 2048, 1, 2, 14, False, False), (2048, 512, 1, 1, 7, False, True), (512, 512, 3, 1, 7, False, True),
+]  # fmt: skip
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c_in,c_out,k,stride,size,residual,relu", RESNET50_CONVS)
+def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype):
+    _check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu)
+
+
+def _model_factory(name: str):
+    factory = getattr(resnet_fast, name, None)
+    if factory is None:
+        pytest.skip(f"resnet_fast.{name} does not exist yet")
+    return factory
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_model_vs_torchvision_gpu(name, dtype):
+    """Eval outputs within 2x torchvision's own same-dtype error against a float64 torchvision."""
+    tv_models = pytest.importorskip("torchvision.models")
+    tv = getattr(tv_models, name)().eval()
+    for m in tv.modules():  # non-trivial BN statistics, so folding is really exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model = _model_factory(name)().eval()
+    model.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref64 = tv.cuda().double()(x.double())
+        torch_same = tv.to(dtype)(x.to(dtype))
+        model = model.cuda().to(dtype)
+        with resnet_fast.backend("triton", strict=True):
+            out = model(x.to(dtype))
+    tol = FP32_TOL * 10 if dtype == torch.float32 else lowp_tolerance(dtype, torch_same, ref64)
+    assert rel_err(out, ref64) <= max(tol, 2 * rel_err(torch_same, ref64))
+
+
+# ---------------------------------------------------------------- end to end, interpreter or GPU
+
+
+@pytest.mark.parametrize("block", ["BasicBlock", "Bottleneck"])
+def test_tiny_net_end_to_end(block):
+    """A two-stage CIFAR-stem net in eval mode: triton backend (strict) against the torch backend."""
+    resnet_cls = _model_factory("ResNet")
+    net = resnet_cls(_model_factory(block), [1, 1], widths=(8, 16), stem="cifar", num_classes=10)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    net = net.eval().to(DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    with torch.no_grad():
+        with resnet_fast.backend("torch"):
+            ref = net(x)
+        with resnet_fast.backend("triton", strict=True):
+            out = net(x)
+    assert rel_err(out, ref) <= FP32_TOL
