@@ -1,0 +1,94 @@
+"""Benchmark-suite setup: GPU skip logic, the CUDA-event timer, markers, and run metadata.
+
+* Every test marked ``gpu`` is skipped, with the reason shown by ``-ra``, when ``torch.cuda.is_available()``
+  is False; on a GPU it gets :func:`bench_utils.cuda_event_clock` as pytest-benchmark's timer.
+* Markers: ``gpu`` (needs CUDA), ``headline`` (the configurations quoted in BENCHMARKS.md; a few
+  minutes), ``sweep`` (the rest of the matrix), ``cpu`` (the tiny case CI runs).
+* The JSON written by ``--benchmark-json`` gets the versions (torch, torchvision, triton, cuDNN, CUDA,
+  resnet_fast and its available backends, GPU name) in ``machine_info["resnet_fast_bench"]`` and the
+  exact command line in ``"command"``; ``benchmarks/report.py`` turns it into BENCHMARKS.md tables.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.append(os.path.dirname(HERE))  # the repository root: an installed resnet_fast still wins
+
+import bench_utils  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+NO_GPU_REASON = (
+    "needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); GPU benchmarks are skipped"
+)
+
+
+def pytest_configure(config):
+    for line in (
+        "gpu: needs a CUDA GPU; skipped with a reason on machines without one",
+        "headline: the configurations quoted in BENCHMARKS.md (select with -m headline)",
+        "sweep: the full configuration matrix (deselect with -m 'not sweep')",
+        "cpu: the tiny CPU case CI runs so the suite cannot rot",
+    ):
+        config.addinivalue_line("markers", line)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason=NO_GPU_REASON)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        if not str(item.path).startswith(here):
+            continue
+        if item.get_closest_marker("gpu") is None:
+            continue
+        if not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        elif item.get_closest_marker("benchmark") is None:
+            item.add_marker(pytest.mark.benchmark(timer=bench_utils.cuda_event_clock))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["resnet_fast_bench"] = bench_utils.versions()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    args = shlex.join(str(a) for a in config.invocation_params.args)
+    output_json["command"] = f"python -m pytest {args}"
+    output_json["compile_mode_env"] = os.environ.get("RESNET_FAST_BENCH_COMPILE_MODE")
+
+
+@pytest.fixture(autouse=True)
+def _clean_state():
+    """Each benchmark starts in resnet_fast's auto mode and leaves no GPU memory or compiled graphs behind."""
+    try:
+        import resnet_fast
+
+        resnet_fast.set_backend("auto")
+    except Exception:  # noqa: BLE001 - the tests report import problems themselves
+        resnet_fast = None
+    yield
+    if resnet_fast is not None:
+        resnet_fast.set_backend("auto")
+    if HAS_CUDA:
+        import gc
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def measure(request, benchmark):
+    """``measure(step, device=..., work=bench_utils.Work(...))``: warm up, time, record throughput."""
+
+    def run(step, *, device, work=None, **kwargs):
+        return bench_utils.measure(benchmark, step, device=device, work=work, config=request.config, **kwargs)
+
+    return run
