@@ -9,6 +9,7 @@ allocation so an element the kernel fails to write cannot go unnoticed.
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 import warnings
@@ -141,9 +142,10 @@ def test_conv_odd_geometry(c_in, kernel, stride, padding, dilation, hw):
     _check_conv(3, c_in, 33, hw, kernel, stride, padding, dilation, torch.float32, True, True, True)
 
 
-def test_conv_bfloat16():
+@pytest.mark.parametrize("c_in,k,stride,pad", [(16, 3, 1, 1), (3, 7, 2, 3)])
+def test_conv_bfloat16(c_in, k, stride, pad):
     """bf16 runs in the interpreter too (operands upcast for tl.dot there); fully checked on GPU below."""
-    _check_conv(2, 16, 12, (6, 6), (3, 3), 1, 1, 1, torch.bfloat16, True, True, True)
+    _check_conv(2, c_in, 12, (9, 8), (k, k), stride, pad, 1, torch.bfloat16, True, True, True)
 
 
 def test_conv_without_bias_and_with_strided_views():
@@ -215,6 +217,50 @@ def test_add_relu(make, dtype, y_layout):
     assert out.stride() == torch.empty_like(x).stride()
 
 
+# ---------------------------------------------------------------- compile for Hopper without a GPU
+
+# Compiles the real (not interpreted) kernel to a cubin for sm_90 in a process without
+# TRITON_INTERPRET: catches what the interpreter does not check (types, tl.dot shapes, register
+# allocation by ptxas) and that the configs fit shared memory with every pipeline stage.
+_HOPPER_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from resnet_fast.kernels import conv_bias_act as m
+
+jit = m._conv_bias_act_kernel.fn
+aligned = {"x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "M", "C_in", "C_out", "H", "W",
+           "sx_n", "sx_h", "sx_w", "sw_o", "sw_h", "sw_w", "sr_n", "sr_h", "sr_w", "sy_n", "sy_h", "sy_w"}
+for dtype, kh, flat, bm, bn, bk, stages, warps, precision in [
+    ("fp16", 3, False, 128, 128, 64, 4, 8, "ieee"),  # a 3x3 body conv, residual epilogue
+    ("bf16", 7, True, 64, 64, 64, 5, 4, "ieee"),  # the 7x7 stem on 3 channels (flattened K)
+    ("fp32", 1, False, 64, 64, 32, 3, 4, "tf32"),
+]:
+    # The NHWC fast path: unit channel strides and 16-divisible sizes, as Triton specialises them.
+    const = dict(KH=kh, KW=kh, RELU=True, PRECISION=precision, UPCAST=False, FLAT_K=flat, HAS_BIAS=True,
+                 HAS_RESIDUAL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, sx_c=1, sw_c=1)
+    sig = {n: "constexpr" if n in const else "*" + dtype if n.endswith("_ptr") else "i32" for n in jit.arg_names}
+    attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(jit, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    stage_bytes = (bm + bn) * bk * int(dtype[2:]) // 8
+    shared = kernel.metadata.shared
+    assert (stages - 1) * stage_bytes <= shared <= 227 * 1024, (dtype, shared, stage_bytes)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_compiles_for_hopper():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- GPU only
 
 # Every distinct ResNet-50 convolution with the epilogue it runs with in the network:
@@ -238,6 +284,29 @@ RESNET50_CONVS = [
 @pytest.mark.parametrize("c_in,c_out,k,stride,size,residual,relu", RESNET50_CONVS)
 def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype):
     _check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu)
+
+
+@requires_cuda
+def test_int64_offsets_gpu():
+    """Activations past 2^31 elements: the last image's offsets overflow int32 (checked on it alone)."""
+    if torch.cuda.mem_get_info()[0] < 20 * 2**30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    shape, cl = (132, 64, 512, 512), torch.channels_last  # 2.2e9 elements
+    x = torch.empty(shape, device="cuda", dtype=torch.float16, memory_format=cl).normal_()
+    r = torch.empty(shape, device="cuda", dtype=torch.float16, memory_format=cl).normal_()
+    w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).half().contiguous(memory_format=cl)
+    b = torch.randn(64, device="cuda", dtype=torch.float16)
+    with resnet_fast.backend("triton", strict=True), torch.no_grad():
+        out = ops.conv_bias_act(x, w, b, padding=1, residual=r, relu=True)
+        summed = ops.add_relu(x, r)
+
+    def ref(*ts):
+        return reference.conv_bias_act(*ts[:3], (1, 1), (1, 1), (1, 1), 1, ts[3], True)
+
+    last = (x[-1:], w, b, r[-1:])
+    ref64 = ref(*(t.double() for t in last))
+    assert rel_err(out[-1:], ref64) <= lowp_tolerance(torch.float16, ref(*last), ref64)
+    torch.testing.assert_close(summed[-1], torch.relu(x[-1] + r[-1]))
 
 
 def _model_factory(name: str):
