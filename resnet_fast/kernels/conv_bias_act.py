@@ -25,9 +25,7 @@ from resnet_fast.backends import Unsupported
 # there, and its bf16 tl.dot multiplies raw bit patterns, so operands are upcast to float32.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Hopper has 227 KiB of shared memory per block: (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes * num_stages
-# stays under it for 16-bit types; float32 configs that do not fit fail to compile and the autotuner
-# skips them.
+# Tile shapes for the GPU autotuner, from wide (large layers) to narrow (few output channels or pixels).
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
@@ -44,6 +42,22 @@ _GPU_CONFIGS = [
 ]
 # Under the interpreter each program costs milliseconds: large tiles, one fixed config.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)
+_SHARED_MEMORY = 227 * 1024  # per block on Hopper (H100, H200)
+
+
+def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """The configs worth timing for this problem: pipeline buffers ((BLOCK_M + BLOCK_N) * BLOCK_K
+    elements per stage) that fit in shared memory for x's dtype, and column tiles no wider than
+    C_out needs. Saves compiling and timing configs that cannot win."""
+    itemsize = nargs["x_ptr"].element_size()
+    widest = max(32, triton.next_power_of_2(nargs["C_out"]))
+    kept = [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages <= _SHARED_MEMORY
+        and c.kwargs["BLOCK_N"] <= widest
+    ]
+    return kept or configs[-1:]
 
 
 @triton.jit
@@ -155,9 +169,11 @@ def _conv_bias_act_kernel(
 _kernel = (
     _conv_bias_act_kernel
     if _INTERPRET
-    else triton.autotune(_GPU_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h"])(
-        _conv_bias_act_kernel
-    )
+    else triton.autotune(
+        _GPU_CONFIGS,
+        key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_conv_bias_act_kernel)
 )
 
 

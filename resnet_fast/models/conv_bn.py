@@ -90,9 +90,7 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
+    return ops.autocast_dtype(x.device) or weight.dtype
 
 
 def batch_norm_act(

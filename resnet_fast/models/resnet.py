@@ -4,7 +4,7 @@ Same constructor arguments, attribute names and state_dict keys as ``torchvision
 the classes subclass torchvision's, so ``isinstance`` checks written for torchvision still hold.
 Eval-mode blocks fold BatchNorm into each convolution and run conv + bias (+ residual) + ReLU as one
 op; train-mode blocks run the convolution and ``ops.batch_norm_act``. Activations are kept in
-channels_last from the stem to the head (NCHW input is converted once, at entry).
+channels_last from the stem to the head on CUDA (NCHW input is converted once, at entry).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torchvision.models.resnet as tv
 from torch import nn
 
+from resnet_fast import ops
 from resnet_fast.models.conv_bn import FoldCache, conv_bn_act, downsample
 
 __all__ = [
@@ -196,16 +197,19 @@ class ResNet(tv.ResNet):
         weight = self.conv1.weight
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and ops.autocast_dtype(x.device) is None:
             raise TypeError(
                 f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}; "
                 "cast one to the other or run under torch.autocast"
             )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]`` (channels_last)."""
+        """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]`` (channels_last on CUDA)."""
         self._check_input(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if x.is_cuda:
+            # The NHWC kernels' layout, kept to the head. On CPU the input's own layout is kept: torch's
+            # channels_last BatchNorm backward there gives intermittently wrong gradients (seen on 2.14.1).
+            x = x.contiguous(memory_format=torch.channels_last)
         x = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
         x = self.maxpool(x)
         for name in self.stage_names:

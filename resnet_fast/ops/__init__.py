@@ -20,7 +20,7 @@ import torch
 
 from resnet_fast import backends
 
-__all__ = ["add_relu", "batch_norm_act", "conv_bias_act", "fold_bn"]
+__all__ = ["add_relu", "autocast_dtype", "batch_norm_act", "conv_bias_act", "fold_bn"]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -57,6 +57,13 @@ def _check_like(t: torch.Tensor | None, ref: torch.Tensor, name: str, shape: Seq
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on this device, or None when autocast is off."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -151,8 +158,11 @@ def conv_bias_act(
             f"x has {x.shape[1]} channels but weight expects {c_in_per_group * groups} "
             f"(weight.shape[1] = {c_in_per_group} x groups = {groups})"
         )
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    for t, name in ((weight, "weight"), (bias, "bias"), (residual, "residual")):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; expected the same device")
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         residual = residual.to(dtype) if residual is not None else None

@@ -1,0 +1,5 @@
+import sys
+
+from resnet_fast.report import main
+
+sys.exit(main())

@@ -1,0 +1,270 @@
+"""Model parity with torchvision: every factory, eval and train, dtypes, stems, sizes, serialisation, errors."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resnet_fast
+from resnet_fast.models.resnet import ARCHS
+from resnet_fast.report import randomize_batch_norm
+from conftest import lowp_tolerance, rel_err
+from helpers import float64_copy, model_pair
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_factory_matches_torchvision_in_eval(arch):
+    tv, rf = model_pair(arch)
+    tv.eval(), rf.eval()
+    assert list(tv.state_dict()) == list(rf.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected, out = tv(x), rf(x)
+    assert out.shape == (2, 1000)
+    assert rel_err(out, expected) <= 1e-5
+
+
+def test_factories_reject_conflicting_fixed_arguments():
+    with pytest.raises(ValueError, match="resnext50_32x4d has groups=32, got groups=4"):
+        resnet_fast.resnext50_32x4d(groups=4)
+
+
+def _train_step_pair(tv, rf, x):
+    """Runs one forward/backward in train mode on both models and a float64 copy of torchvision's."""
+    tv64 = float64_copy(tv)
+    for m in (tv, rf, tv64):
+        m.train()
+    outs = [m(x.to(dtype)) for m, dtype in ((tv, torch.float32), (rf, torch.float32), (tv64, torch.float64))]
+    target = torch.randn_like(outs[2])
+    for out in outs:
+        ((out - target.to(out.dtype)) ** 2).mean().backward()
+    return outs, tv64
+
+
+@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 40)])
+def test_train_mode_matches_torchvision(arch, size):
+    """Outputs, every gradient and every running statistic after one training step: resnet_fast's error
+    against a float64 run is at most 2x torchvision's own fp32 error (BN on small batches is ill-conditioned,
+    so a fixed threshold would say more about the random draw than about the code). The floors (1e-5,
+    1e-4) sit at fp32 rounding level; a wrong index or formula gives errors of order 1."""
+    tv, rf = model_pair(arch, num_classes=10)
+    x = torch.randn(8, 3, size, size)
+    (out_tv, out_rf, out64), tv64 = _train_step_pair(tv, rf, x)
+    assert rel_err(out_rf, out64) <= max(2 * rel_err(out_tv, out64), 1e-5)
+    params = zip(tv.named_parameters(), rf.named_parameters(), tv64.named_parameters())
+    for (name, p_tv), (_, p_rf), (_, p64) in params:
+        assert p_rf.grad is not None, name
+        assert rel_err(p_rf.grad, p64.grad) <= max(2 * rel_err(p_tv.grad, p64.grad), 1e-4), name
+    buffers = zip(tv.named_buffers(), rf.named_buffers(), tv64.named_buffers())
+    for (name, b_tv), (_, b_rf), (_, b64) in buffers:
+        if name.endswith("num_batches_tracked"):
+            assert b_rf.item() == b_tv.item() == 1, name
+        else:
+            assert rel_err(b_rf, b64) <= max(2 * rel_err(b_tv, b64), 1e-5), name
+
+
+def test_momentum_none_and_untracked_batch_norm_behave_like_torch():
+    norm = lambda c: nn.BatchNorm2d(c, momentum=None)  # noqa: E731
+    tv, rf = model_pair("resnet18", norm_layer=norm, num_classes=4)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):
+        tv(x), rf(x)
+    for (name, a), (_, b) in zip(tv.named_buffers(), rf.named_buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+    norm = lambda c: nn.BatchNorm2d(c, track_running_stats=False)  # noqa: E731
+    tv, rf = model_pair("resnet18", norm_layer=norm, num_classes=4)
+    tv.eval(), rf.eval()  # no running stats: batch statistics even in eval mode
+    with torch.no_grad():
+        assert rel_err(rf(x), tv(x)) <= 1e-5
+
+
+def test_group_norm_layer_runs_unfused_and_matches():
+    norm = lambda c: nn.GroupNorm(8, c)  # noqa: E731
+    tv, rf = model_pair("resnet18", norm_layer=norm)
+    x = torch.randn(2, 3, 32, 32)
+    for mode in (True, False):
+        tv.train(mode), rf.train(mode)
+        with torch.no_grad():
+            assert rel_err(rf(x), tv(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu(dtype):
+    tv, rf = model_pair("resnet18")
+    tv64 = float64_copy(tv).eval()
+    tv.eval().to(dtype), rf.eval().to(dtype)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = tv64(x.double())
+        assert rel_err(rf(x.to(dtype)), ref) <= lowp_tolerance(dtype, tv(x.to(dtype)), ref)
+
+
+def test_autocast_inference_on_cpu():
+    tv, rf = model_pair("resnet18")
+    tv.eval(), rf.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = float64_copy(tv)(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_tv, out_rf = tv(x), rf(x)
+    assert out_rf.dtype == torch.bfloat16
+    assert rel_err(out_rf, ref) <= lowp_tolerance(torch.bfloat16, out_tv, ref)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 9), (33, 17), (65, 64)])
+def test_odd_image_sizes(size):
+    tv, rf = model_pair("resnet18")
+    tv.eval(), rf.eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert rel_err(rf(x), tv(x)) <= 1e-5
+
+
+def test_nchw_and_channels_last_inputs_agree():
+    _, rf = model_pair("resnet18")
+    rf.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rf(x), rf(x.contiguous(memory_format=torch.channels_last)), atol=1e-5)
+
+
+def test_dilation_matches_torchvision():
+    tv, rf = model_pair("resnet50", replace_stride_with_dilation=[False, True, True])
+    tv.eval(), rf.eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        expected = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for stage in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
+            expected = stage(expected)
+        assert rel_err(rf.forward_features(x), expected) <= 1e-5
+        assert expected.shape[-1] == 6  # output stride 8
+
+
+def test_zero_init_residual_matches_torchvision():
+    rf = resnet_fast.resnet50(zero_init_residual=True)
+    tv = resnet_fast.resnet18(zero_init_residual=True)
+    assert all(b.bn3.weight.abs().sum() == 0 for b in rf.modules() if isinstance(b, resnet_fast.Bottleneck))
+    assert all(b.bn2.weight.abs().sum() == 0 for b in tv.modules() if isinstance(b, resnet_fast.BasicBlock))
+
+
+def test_imagenet_and_cifar_stems():
+    m = resnet_fast.resnet18()
+    assert m.conv1.kernel_size == (7, 7) and m.conv1.stride == (2, 2) and isinstance(m.maxpool, nn.MaxPool2d)
+    c = resnet_fast.resnet18(stem="cifar", num_classes=10)
+    assert c.conv1.kernel_size == (3, 3) and c.conv1.stride == (1, 1) and isinstance(c.maxpool, nn.Identity)
+    assert list(c.state_dict()) == list(m.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    c.eval()
+    assert c.forward_features(x).shape == (2, 512, 4, 4)
+    assert m.eval().forward_features(x).shape == (2, 512, 1, 1)
+    # The cifar stem computes conv3x3 -> BN -> ReLU, checked against the modules run by hand.
+    with torch.no_grad():
+        stem = torch.relu(c.bn1(c.conv1(x)))
+        expected = c.forward_head(c.layer4(c.layer3(c.layer2(c.layer1(stem)))))
+        assert rel_err(c(x), expected) <= 1e-6
+
+
+def test_small_cifar_net_and_grayscale_input():
+    m = resnet_fast.ResNet(resnet_fast.BasicBlock, [2, 2, 2], widths=(64, 64, 64), stem="cifar", in_channels=1,
+                           num_classes=10)
+    assert m.stage_names == ["layer1", "layer2", "layer3"] and not hasattr(m, "layer4")
+    assert m.fc.in_features == 64 and m.conv1.in_channels == 1
+    randomize_batch_norm(m)
+    x = torch.randn(3, 1, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+        ref = float64_copy(m)
+        with resnet_fast.backend("torch"):
+            ref_out = ref(x.double())
+    assert out.shape == (3, 10) and rel_err(out, ref_out) <= 1e-5
+    g = resnet_fast.resnet50(in_channels=1, num_classes=7).eval()
+    with torch.no_grad():
+        assert g(torch.randn(2, 1, 56, 56)).shape == (2, 7)
+
+
+def test_forward_features_head_and_reset_classifier():
+    tv, rf = model_pair("resnet50")
+    tv.eval(), rf.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = rf.forward_features(x)
+        assert feats.shape == (2, 2048, 2, 2)
+        pooled = rf.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (2, 2048) and rf.num_features == 2048
+        assert rel_err(rf.forward_head(feats), tv(x)) <= 1e-5
+    rf.reset_classifier(5)
+    assert rf.fc.out_features == 5 and rf(x).shape == (2, 5)
+    rf.reset_classifier(0)
+    assert isinstance(rf.fc, nn.Identity) and rf(x).shape == (2, 2048)
+
+
+def test_state_dict_round_trips_strictly_both_ways():
+    tv = randomize_batch_norm(torchvision.models.resnet34())
+    rf = resnet_fast.resnet34()
+    rf.load_state_dict(tv.state_dict(), strict=True)
+    back = torchvision.models.resnet34()
+    back.load_state_dict(rf.state_dict(), strict=True)
+    for (k, a), (k2, b) in zip(tv.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_pickle_deepcopy_and_torch_save():
+    _, rf = model_pair("resnet18")
+    rf.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = rf(x)  # fills the fold caches, which must not be serialised
+    buf = io.BytesIO()
+    torch.save(rf, buf)
+    size_with_model = buf.tell()
+    assert size_with_model < 1.2 * sum(t.numel() * 4 for t in rf.state_dict().values()) + 1e6
+    buf.seek(0)
+    copies = [pickle.loads(pickle.dumps(rf)), copy.deepcopy(rf), torch.load(buf, weights_only=False)]
+    for c in copies:
+        assert isinstance(c, resnet_fast.ResNet) and len(c._fold_cache) == 0
+        with torch.no_grad():
+            assert torch.equal(c(x), expected)
+
+
+def test_subclasses_torchvision_classes():
+    m = resnet_fast.resnet50()
+    assert isinstance(m, torchvision.models.ResNet)
+    assert isinstance(m.layer1[0], torchvision.models.resnet.Bottleneck)
+
+
+@pytest.mark.parametrize(
+    "make_input,error,match",
+    [
+        (lambda: torch.randn(3, 32, 32), ValueError, "x must be a 4-D"),
+        (lambda: torch.randn(1, 1, 32, 32), ValueError, "x must have 3 channels .* got 1"),
+        (lambda: torch.randn(1, 3, 0, 32), ValueError, "at least 1x1"),
+        (lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "floating-point"),
+        (lambda: torch.randn(1, 3, 32, 32).half(), TypeError, "x has dtype torch.float16 but the model"),
+        (lambda: torch.randn(1, 3, 32, 32, device="meta"), ValueError, "x is on meta but the model's"),
+        (lambda: [1.0, 2.0], TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_model_rejects_bad_input(make_input, error, match):
+    m = resnet_fast.resnet18().eval()
+    with pytest.raises(error, match=match):
+        m(make_input())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"stem": "tiny"}, "stem must be one of"),
+        ({"in_channels": 0}, "in_channels must be a positive int"),
+        ({"widths": (64, 128)}, "one positive width per stage"),
+        ({"replace_stride_with_dilation": [True]}, "3-element tuple"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        resnet_fast.ResNet(resnet_fast.BasicBlock, [1, 1, 1, 1], **kwargs)
+    with pytest.raises(ValueError, match="BasicBlock only supports groups=1"):
+        resnet_fast.ResNet(resnet_fast.BasicBlock, [1, 1], groups=2)

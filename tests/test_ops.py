@@ -1,0 +1,225 @@
+"""The functional ops: reference semantics, fold_bn, validation errors, and the backend registry."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fast
+from resnet_fast import backends, ops
+from resnet_fast.ops import reference
+from conftest import rel_err
+
+
+def test_fold_bn_matches_conv_then_batch_norm_in_float64():
+    c_in, c_out = 5, 7
+    x = torch.randn(2, c_in, 9, 11, dtype=torch.float64)
+    w, b = torch.randn(c_out, c_in, 3, 3, dtype=torch.float64), torch.randn(c_out, dtype=torch.float64)
+    gamma, beta = torch.rand(c_out, dtype=torch.float64) + 0.5, torch.randn(c_out, dtype=torch.float64)
+    mean, var = torch.randn(c_out, dtype=torch.float64), torch.rand(c_out, dtype=torch.float64) + 0.1
+    expected = F.batch_norm(F.conv2d(x, w, b, padding=1), mean, var, gamma, beta, False, 0.0, 1e-3)
+    wf, bf = ops.fold_bn(w, b, gamma, beta, mean, var, 1e-3)
+    assert rel_err(F.conv2d(x, wf, bf, padding=1), expected) < 1e-13
+    # No conv bias and no affine: the fold must treat them as 0 / 1 / 0.
+    wf, bf = ops.fold_bn(w, None, None, None, mean, var, 1e-5)
+    expected = F.batch_norm(F.conv2d(x, w, padding=1), mean, var, None, None, False, 0.0, 1e-5)
+    assert rel_err(F.conv2d(x, wf, bf, padding=1), expected) < 1e-13
+
+
+def test_fold_bn_computes_in_float32_for_half_weights():
+    w = torch.randn(16, 8, 3, 3)
+    mean, var = torch.randn(16), torch.rand(16) * 1e-3 + 1e-4  # large scales: fp16 folding would lose bits
+    gamma, beta = torch.rand(16) + 0.5, torch.randn(16)
+    w64, b64 = ops.fold_bn(w.double(), None, gamma.double(), beta.double(), mean.double(), var.double(), 1e-5)
+    wh, bh = ops.fold_bn(w.half(), None, gamma.half(), beta.half(), mean.half(), var.half(), 1e-5)
+    assert wh.dtype == bh.dtype == torch.float16
+    assert rel_err(wh, w64) < 2e-3 and rel_err(bh, b64) < 2e-3
+
+
+def test_fold_bn_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        ops.fold_bn(torch.randn(4, 3, 1, 1), None, None, None, torch.zeros(4), torch.ones(5), 1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("residual,relu", [(False, False), (True, False), (False, True), (True, True)])
+def test_conv_bias_act_reference(memory_format, residual, relu):
+    x = torch.randn(2, 6, 10, 9).to(memory_format=memory_format)
+    w, b = torch.randn(8, 3, 3, 3), torch.randn(8)
+    r = torch.randn(2, 8, 5, 5) if residual else None
+    out = ops.conv_bias_act(x, w, b, stride=2, padding=1, dilation=1, groups=2, residual=r, relu=relu)
+    expected = F.conv2d(x.double(), w.double(), b.double(), 2, 1, 1, 2)
+    if residual:
+        expected = expected + r.double()
+    if relu:
+        expected = expected.relu()
+    assert rel_err(out, expected) < 1e-6
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+def test_add_relu_and_batch_norm_act_reference():
+    x, y = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    assert torch.equal(ops.add_relu(x, y), (x + y).clamp_min(0))
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    out = ops.batch_norm_act(x, w, b, rm, rv, training=True, momentum=0.3, eps=1e-5, residual=y, relu=True)
+    expected = (F.batch_norm(x, rm2, rv2, w, b, True, 0.3, 1e-5) + y).relu()
+    assert torch.allclose(out, expected) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
+
+
+def test_batch_norm_act_updates_running_stats_like_torch():
+    x = torch.randn(4, 3, 5, 5) * 3 + 1
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ops.batch_norm_act(x, None, None, rm, rv, training=True, momentum=0.25, eps=1e-5, relu=False)
+    flat = x.transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(rm, 0.25 * flat.mean(1), atol=1e-6)
+    assert torch.allclose(rv, 0.75 + 0.25 * flat.var(1, unbiased=True), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"x": torch.randn(3, 8, 8)}, ValueError, "x must be a 4-D"),
+        ({"x": torch.randint(0, 5, (1, 3, 8, 8))}, TypeError, "x must be a floating-point"),
+        ({"x": torch.randn(1, 4, 8, 8)}, ValueError, "x has 4 channels but weight expects 3"),
+        ({"weight": torch.randn(4, 3, 3)}, ValueError, "weight must be a 4-D"),
+        ({"weight": torch.randn(4, 3, 3, 3).double()}, TypeError, "weight has dtype torch.float64"),
+        ({"bias": torch.randn(5)}, ValueError, r"bias must have shape \(4,\)"),
+        ({"residual": torch.randn(1, 4, 7, 7)}, ValueError, r"residual must have shape \(1, 4, 8, 8\)"),
+        ({"x": torch.randn(1, 3, 1, 1), "padding": 0}, ValueError, "too small for a 3x3 kernel"),
+        ({"groups": 3}, ValueError, "groups must be >= 1 and divide C_out"),
+        ({"stride": 0}, ValueError, "expected stride >= 1"),
+        ({"stride": (1, 2, 3)}, ValueError, "stride must be an int or a pair"),
+    ],
+)
+def test_conv_bias_act_rejects_bad_input(kwargs, error, match):
+    args = {"x": torch.randn(1, 3, 8, 8), "weight": torch.randn(4, 3, 3, 3), "bias": torch.randn(4), "padding": 1}
+    args.update(kwargs)
+    x, weight, bias = args.pop("x"), args.pop("weight"), args.pop("bias")
+    with pytest.raises(error, match=match):
+        ops.conv_bias_act(x, weight, bias, **args)
+
+
+def test_conv_bias_act_rejects_mismatched_devices():
+    x = torch.randn(1, 3, 8, 8, device="meta")
+    with pytest.raises(ValueError, match="weight is on cpu but x is on meta"):
+        ops.conv_bias_act(x, torch.randn(4, 3, 3, 3))
+
+
+def test_add_relu_and_batch_norm_act_reject_bad_input():
+    with pytest.raises(ValueError, match="y must have shape"):
+        ops.add_relu(torch.randn(2, 3), torch.randn(3, 2))
+    with pytest.raises(TypeError, match="y has dtype"):
+        ops.add_relu(torch.randn(2, 3), torch.randn(2, 3).half())
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        ops.add_relu(torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
+        ops.batch_norm_act(torch.randn(2, 3, 4, 4), None, None, torch.zeros(4), torch.ones(4), training=True)
+    with pytest.raises(ValueError, match="training=False needs running_mean"):
+        ops.batch_norm_act(torch.randn(2, 3, 4, 4), None, None, None, None, training=False)
+
+
+def test_conv_bias_act_under_autocast_casts_to_the_autocast_dtype():
+    x, w, b = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.conv_bias_act(x, w, b, padding=1)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, F.conv2d(x.double(), w.double(), b.double(), padding=1).relu()) < 1e-2
+
+
+def test_ops_are_differentiable_on_the_reference():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.conv_bias_act(a[0], a[1], a[2], padding=1, residual=a[3]),
+                                    (x, w, b, r))
+
+
+# --- backend registry ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_backend():
+    """A registered test backend whose conv raises Unsupported for groups > 1 and fails for relu=False."""
+    calls = []
+
+    def conv(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+        if groups > 1:
+            raise backends.Unsupported("grouped convolution runs on the reference backend")
+        if not relu:
+            raise RuntimeError("kernel failed to compile")
+        calls.append("conv")
+        return reference.conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+
+    backends.register_backend("fake", lambda: {"conv_bias_act": conv}, priority=-1,
+                              supports_device=lambda d: d.type == "cpu")
+    backends.register_backend("broken", lambda: (_ for _ in ()).throw(ImportError("no such library")),
+                              priority=-2, supports_device=lambda d: True)
+    backends._warned.clear()
+    yield calls
+    del backends._REGISTRY["fake"], backends._REGISTRY["broken"]
+
+
+def _conv(groups=1, relu=True):
+    return ops.conv_bias_act(torch.randn(1, 4, 5, 5), torch.randn(4, 4 // groups, 3, 3), padding=1,
+                             groups=groups, relu=relu)
+
+
+def test_default_is_auto_and_reference_on_cpu():
+    assert resnet_fast.get_backend() == "auto"
+    assert "torch" in resnet_fast.available_backends()
+    assert backends.resolve("conv_bias_act", torch.device("cpu"))[0] == "torch"
+
+
+def test_set_backend_and_context_manager(fake_backend):
+    with resnet_fast.backend("fake"):
+        assert resnet_fast.get_backend() == "fake"
+        _conv()
+        with resnet_fast.backend("torch"):
+            _conv()
+        assert resnet_fast.get_backend() == "fake"
+    assert resnet_fast.get_backend() == "auto" and fake_backend == ["conv"]
+    resnet_fast.set_backend("fake")
+    _conv()
+    assert fake_backend == ["conv", "conv"]
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        resnet_fast.set_backend("nope")
+
+
+def test_explicit_backend_that_cannot_serve_falls_back_and_warns_once(fake_backend):
+    with resnet_fast.backend("broken"):
+        with pytest.warns(RuntimeWarning, match="backend 'broken' is unavailable: ImportError: no such library"):
+            out = _conv()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _conv()  # said once only
+    assert out.shape == (1, 4, 5, 5)
+    assert "broken" not in resnet_fast.available_backends()
+    with resnet_fast.backend("broken", strict=True), pytest.raises(backends.BackendUnavailable):
+        _conv()
+
+
+def test_unsupported_arguments_fall_back_explicitly(fake_backend):
+    with resnet_fast.backend("fake"), pytest.warns(RuntimeWarning, match="grouped convolution runs on the reference"):
+        _conv(groups=2)
+    with resnet_fast.backend("fake", strict=True), pytest.raises(backends.Unsupported):
+        _conv(groups=2)
+    assert fake_backend == []
+
+
+def test_a_failing_kernel_falls_back_with_a_warning_unless_strict(fake_backend):
+    with resnet_fast.backend("fake"), pytest.warns(RuntimeWarning, match="failed on 'conv_bias_act'.*compile"):
+        out = _conv(relu=False)
+    assert out.shape == (1, 4, 5, 5)
+    with resnet_fast.backend("fake", strict=True), pytest.raises(RuntimeError, match="compile"):
+        _conv(relu=False)
+
+
+def test_autograd_calls_go_to_a_differentiable_backend_silently(fake_backend):
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    with resnet_fast.backend("fake"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.conv_bias_act(x, torch.randn(4, 4, 3, 3), padding=1).sum().backward()
+    assert fake_backend == [] and x.grad is not None
