@@ -136,6 +136,7 @@ def test_conv_epilogue_and_layouts(dtype, channels_last, residual, relu):
         (24, (3, 3), 2, 0, 1, (3, 3)),  # a single output pixel
         (8, (1, 1), 1, 0, 1, (1, 1)),  # a 1x1 image
         (40, (1, 1), 2, 0, 1, (11, 11)),  # the strided 1x1 downsample
+        (8, (1, 1), 1, 0, 1, (23, 19)),  # 21 row tiles x 2 column tiles: a partial last GROUP_M group
     ],
 )
 def test_conv_odd_geometry(c_in, kernel, stride, padding, dilation, hw):
@@ -249,6 +250,20 @@ for dtype, kh, flat, bm, bn, bk, stages, warps, precision in [
     assert (stages - 1) * stage_bytes <= shared <= 227 * 1024, (dtype, shared, stage_bytes)
 print("ok")
 """
+
+
+@pytest.mark.parametrize("dtype,c_out", [(torch.float16, 2048), (torch.float32, 2048), (torch.float32, 64), (torch.float16, 1)])
+def test_autotune_pruning(dtype, c_out):
+    """GPU autotuning only times configs that fit Hopper's shared memory and C_out (at least one)."""
+    configs = conv_kernels._GPU_CONFIGS
+    kept = conv_kernels._prune_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C_out": c_out})
+    assert kept and set(kept) <= set(configs)
+    for c in kept:
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        assert (m + n) * k * dtype.itemsize * c.num_stages <= 227 * 1024
+        assert n <= max(32, c_out)
+    if dtype == torch.float16 and c_out == 2048:
+        assert kept == configs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
