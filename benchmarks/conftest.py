@@ -86,9 +86,16 @@ def _clean_state():
 
 @pytest.fixture
 def measure(request, benchmark):
-    """``measure(step, device=..., work=bench_utils.Work(...))``: warm up, time, record throughput."""
+    """``measure(step, device=..., work=bench_utils.Work(...))``: warm up, time, record throughput.
+    Timed budget: ``--benchmark-max-time`` if given on the command line, else 0.3 s per benchmark."""
+
+    config = request.config
+    explicit = any(str(a).startswith("--benchmark-max-time") for a in config.invocation_params.args)
+    max_time = float(config.getoption("benchmark_max_time")) if explicit else bench_utils.DEFAULT_MAX_TIME
+    min_rounds = int(config.getoption("benchmark_min_rounds"))
 
     def run(step, *, device, work=None, **kwargs):
-        return bench_utils.measure(benchmark, step, device=device, work=work, config=request.config, **kwargs)
+        return bench_utils.measure(benchmark, step, device=device, work=work, max_time=max_time,
+                                   min_rounds=min_rounds, **kwargs)
 
     return run
