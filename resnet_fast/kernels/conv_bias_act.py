@@ -121,35 +121,39 @@ def _conv_bias_act_kernel(
     if FLAT_K:
         for k0 in range(0, KH * KW * C_in, BLOCK_K):
             k = k0 + offs_k
+            k_ok = k < KH * KW * C_in
             c = k % C_in
             r = k // (C_in * KW)
             s = (k // C_in) % KW
             ih = ih0[:, None] + r[None, :] * dil_h
             iw = iw0[:, None] + s[None, :] * dil_w
-            a_ok = m_ok[:, None] & (k < KH * KW * C_in)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(
                 x_img[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[None, :] * sx_c,
                 mask=a_ok, other=0.0,
             )
             w_tap = r * sw_h + s * sw_w + c * sw_c
-            b = tl.load(w_col[None, :] + w_tap[:, None], mask=(k < KH * KW * C_in)[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(w_col[None, :] + w_tap[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _accumulate(a, b, acc, PRECISION, UPCAST)
     else:
-        # One tap (r, s) at a time: the spatial mask and row addresses are per pixel, the inner loop
-        # walks contiguous channel blocks.
-        for r in range(KH):
+        # Each K block is one tap (r, s) and one channel block, so the spatial mask and row addresses
+        # stay per pixel. One flat loop over (tap, channel block) rather than nested loops: the
+        # pipeliner overlaps loads only within the innermost loop, and a 64-channel layer has a
+        # single channel block per tap.
+        c_blocks = tl.cdiv(C_in, BLOCK_K)
+        for kb in range(0, KH * KW * c_blocks):
+            r = kb // (c_blocks * KW)
+            s = (kb // c_blocks) % KW
+            c = (kb % c_blocks) * BLOCK_K + offs_k
+            c_ok = c < C_in
             ih = ih0 + r * dil_h
-            for s in range(KW):
-                iw = iw0 + s * dil_w
-                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_pix = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-                w_tap = w_col + r * sw_h + s * sw_w
-                for c0 in range(0, C_in, BLOCK_K):
-                    c = c0 + offs_k
-                    c_ok = c < C_in
-                    a = tl.load(x_pix[:, None] + c[None, :] * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc = _accumulate(a, b, acc, PRECISION, UPCAST)
+            iw = iw0 + s * dil_w
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_pix = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            a = tl.load(x_pix[:, None] + c[None, :] * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            w_tap = w_col + r * sw_h + s * sw_w
+            b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _accumulate(a, b, acc, PRECISION, UPCAST)
 
     # Epilogue in float32: folded-BN bias, residual, ReLU, then one cast and one store.
     if HAS_BIAS:
