@@ -79,6 +79,7 @@ def _clean_state():
     if HAS_CUDA:
         import gc
 
+        torch._dynamo.reset()  # drop compiled graphs (and their CUDA-graph pools), even after a failure
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

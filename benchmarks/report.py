@@ -95,7 +95,8 @@ def _model_rows(benches: list[dict]):
         e = b.get("extra_info", {})
         if e.get("kind") != "model" or "img_per_s" not in e:
             continue
-        key = (e["arch"], e["mode"], e["batch"], e["dtype"])
+        arch = e["arch"] + (" (CPU)" if e.get("device") == "cpu" else "")  # the smoke case, on a GPU run too
+        key = (arch, e["mode"], e["batch"], e["dtype"])
         groups[key][e["impl"] + ("+graph" if e.get("graph") else "")] = b
     order = {"resnet18": 0, "resnet50": 1, "resnet101": 2, "cifar_resnet18": 3}
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][0], kv[0][1], kv[0][2],
@@ -151,7 +152,7 @@ def models_section(data: dict) -> str:
             else:
                 calls = ""
             extra = []
-            if "compile_s" in e:
+            if e.get("compile_s") is not None:
                 extra.append(f"compile {e['compile_s']:.1f} s ({e.get('compile_mode')})")
             if "capture_s" in e:
                 extra.append(f"capture {e['capture_s']:.2f} s")

@@ -50,7 +50,7 @@ def test_report_from_real_cpu_run(real_json: Path, tmp_path: Path):
     before = md.read_text()
     assert report.main([str(real_json), "--markdown", str(md)]) == 0
     text = md.read_text()
-    assert "CPU only" in text and "tiny_resnet10" in text and "rf-torch" in text
+    assert "CPU only" in text and "tiny_resnet10 (CPU)" in text and "rf-torch" in text
     # only the marked section changed
     head = before.split(report.BEGIN)[0]
     tail = before.split(report.END)[1]
