@@ -172,6 +172,14 @@ def test_grouped_conv_goes_to_reference_explicitly(monkeypatch):
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, groups=2))
 
 
+def test_too_many_pixels_goes_to_reference():
+    """Over 2^31 output pixels (int32 pixel index): Unsupported before anything is allocated."""
+    x = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(2, 1, 2**15, 2**15)  # no memory behind it
+    w = torch.ones(1, 1, 1, 1, device=DEVICE)
+    with resnet_fast.backend("triton", strict=True), pytest.raises(backends.Unsupported, match="32-bit pixel index"):
+        ops.conv_bias_act(x, w)
+
+
 def test_selection():
     """Auto mode picks triton for CUDA only (never the interpreter); loading is lazy."""
     name, _ = backends.resolve("conv_bias_act", torch.device("cpu"))

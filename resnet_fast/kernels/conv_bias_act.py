@@ -103,7 +103,8 @@ def _conv_bias_act_kernel(
     pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
     pid_n = (pid % (GROUP_M * num_n)) // group_size
 
-    # Output pixel m = (n, oh, ow); image offsets in int64 since activations may exceed 2^31 elements.
+    # Output pixel m = (n, oh, ow). Activation offsets are int64: a batch (even one NCHW image) may
+    # exceed 2^31 elements; weight offsets stay int32.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -129,7 +130,7 @@ def _conv_bias_act_kernel(
             iw = iw0[:, None] + s[None, :] * dil_w
             a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(
-                x_img[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[None, :] * sx_c,
+                x_img[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[None, :].to(tl.int64) * sx_c,
                 mask=a_ok, other=0.0,
             )
             w_tap = r * sw_h + s * sw_w + c * sw_c
@@ -150,7 +151,7 @@ def _conv_bias_act_kernel(
             iw = iw0 + s * dil_w
             pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_pix = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-            a = tl.load(x_pix[:, None] + c[None, :] * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            a = tl.load(x_pix[:, None] + c[None, :].to(tl.int64) * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
             w_tap = w_col + r * sw_h + s * sw_w
             b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _accumulate(a, b, acc, PRECISION, UPCAST)
@@ -161,12 +162,13 @@ def _conv_bias_act_kernel(
     out_ok = m_ok[:, None] & n_ok[None, :]
     oh64 = oh.to(tl.int64)
     ow64 = ow.to(tl.int64)
+    n64 = offs_n.to(tl.int64)
     if HAS_RESIDUAL:
-        r_off = (img * sr_n + oh64 * sr_h + ow64 * sr_w)[:, None] + offs_n[None, :] * sr_c
+        r_off = (img * sr_n + oh64 * sr_h + ow64 * sr_w)[:, None] + n64[None, :] * sr_c
         acc += tl.load(r_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    y_off = (img * sy_n + oh64 * sy_h + ow64 * sy_w)[:, None] + offs_n[None, :] * sy_c
+    y_off = (img * sy_n + oh64 * sy_h + ow64 * sy_w)[:, None] + n64[None, :] * sy_c
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -231,7 +233,7 @@ def conv_bias_act(
         bias: ``[C_out]`` or None.
         stride, padding, dilation: (h, w) pairs.
         groups: must be 1: grouped convolutions (ResNeXt) raise :class:`Unsupported`, which sends the
-            call to the reference backend (or raises in strict mode).
+            call to the reference backend (or raises in strict mode), as do more than 2^31 output pixels.
         residual: ``[N, C_out, H_out, W_out]`` with any strides, or None.
         relu: apply ReLU after the residual add.
     Returns:
@@ -243,8 +245,10 @@ def conv_bias_act(
     c_out, _, kh, kw = weight.shape
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    y = _empty_output(x, c_out, h_out, w_out)
     m = n * h_out * w_out
+    if m + 256 >= 2**31:  # pixel indices (and the last tile's) are int32; element offsets are int64
+        raise Unsupported(f"{m} output pixels exceed the kernel's 32-bit pixel index")
+    y = _empty_output(x, c_out, h_out, w_out)
     if m == 0 or c_out == 0:
         return y
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
