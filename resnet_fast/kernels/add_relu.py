@@ -37,5 +37,6 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     x, y = _in_layout_of(x, out), _in_layout_of(y, out)
-    _add_relu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    with torch.cuda.device_of(x):  # Triton launches on the current CUDA device, not the tensors' one
+        _add_relu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out

@@ -256,13 +256,15 @@ def conv_bias_act(
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)
 
-    _launch(
-        grid,
-        x, weight, bias, residual, y,
-        m, c_in, h, w, c_out, h_out, w_out,
-        *stride, *padding, *dilation,
-        *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, *r_strides, *y.stride(),
-        KH=kh, KW=kw, RELU=relu, PRECISION=_input_precision(x.dtype),
-        UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
-    )
+    # Triton launches on the current CUDA device, not the tensors' one.
+    with torch.cuda.device_of(x):
+        _launch(
+            grid,
+            x, weight, bias, residual, y,
+            m, c_in, h, w, c_out, h_out, w_out,
+            *stride, *padding, *dilation,
+            *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, *r_strides, *y.stride(),
+            KH=kh, KW=kw, RELU=relu, PRECISION=_input_precision(x.dtype),
+            UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+        )
     return y
