@@ -23,7 +23,7 @@ from resnet_fast.ops import reference
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 conv_kernels = pytest.importorskip("resnet_fast.kernels.conv_bias_act")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,22 +50,22 @@ def _fmt(channels_last: bool) -> torch.memory_format:
 
 def _check_conv(
     n: int, c_in: int, c_out: int, hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation,
-    dtype: torch.dtype, channels_last: bool, residual: bool, relu: bool, device: str = DEVICE,
+    dtype: torch.dtype, channels_last: bool, residual: bool, relu: bool,
 ) -> None:
     """Runs ops.conv_bias_act on the strict triton backend and checks it against float64."""
     fmt = _fmt(channels_last)
     # .to() restrides even where C_in = 1 makes NCHW and NHWC both 'contiguous' (.contiguous() would not).
-    x = torch.randn(n, c_in, *hw, device=device, dtype=dtype).to(memory_format=fmt)
+    x = torch.randn(n, c_in, *hw, device=DEVICE, dtype=dtype).to(memory_format=fmt)
     # Folded weights arrive channels_last from the models' fold cache; scaled so outputs stay O(1).
-    w = (torch.randn(c_out, c_in, *kernel, device=device) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
+    w = (torch.randn(c_out, c_in, *kernel, device=DEVICE) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
     w = w.contiguous(memory_format=torch.channels_last)
-    b = torch.randn(c_out, device=device, dtype=dtype)
+    b = torch.randn(c_out, device=DEVICE, dtype=dtype)
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
     h_out = ops.conv_output_size(hw[0], kernel[0], *(_pair(v)[0] for v in (stride, padding, dilation)))
     w_out = ops.conv_output_size(hw[1], kernel[1], *(_pair(v)[1] for v in (stride, padding, dilation)))
     # The residual in the other layout: the epilogue must honour its strides, whatever they are.
     r = (
-        torch.randn(n, c_out, h_out, w_out, device=device, dtype=dtype).contiguous(memory_format=_fmt(not channels_last))
+        torch.randn(n, c_out, h_out, w_out, device=DEVICE, dtype=dtype).contiguous(memory_format=_fmt(not channels_last))
         if residual
         else None
     )
