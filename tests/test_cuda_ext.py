@@ -450,3 +450,256 @@ def test_mirror_torch_compile_fullgraph(cpu_mirror, with_grad):
         grads_ref = torch.autograd.grad(ref, (x, w, b), g)
         for a, e in zip(grads, grads_ref):
             torch.testing.assert_close(a, e)
+
+
+# ================================================================================================
+# GPU: the real kernels.
+_FLOOR = {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _tol(dtype, torch_same, ref64) -> float:
+    """2x torch's own same-dtype error against float64, with a floor of one unit of the format."""
+    if dtype == torch.float32:
+        return max(2 * rel_err(torch_same, ref64), _FLOOR[dtype])
+    return lowp_tolerance(dtype, torch_same, ref64)
+
+
+@pytest.fixture
+def cuda_lib():
+    cb.load_library()  # on a GPU machine an unavailable library is a failure, not a skip
+
+
+ADD_RELU_SHAPES = [(1,), (7,), (1023,), (4099,), (3, 5, 7), (2, 3, 5, 7), (8, 64, 14, 14), (2, 24, 7, 9)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", ADD_RELU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_add_relu_parity(cuda_lib, shape, dtype):
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    y = torch.randn(shape, device="cuda", dtype=dtype)
+    out = cb.add_relu(x, y)
+    torch.testing.assert_close(out, torch.relu(x + y), rtol=0, atol=0)  # fp32 add, one rounding: exact
+    assert out.stride() == x.stride()
+
+
+def _add_relu_inputs(layout, dtype):
+    shape = (3, 10, 7, 5)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
+    if layout == "channels_last":
+        return mk(shape).to(memory_format=torch.channels_last), mk(shape).to(memory_format=torch.channels_last)
+    if layout == "misaligned":  # 16-byte vector path impossible: scalar loop over everything
+        n = 3 * 10 * 7 * 5
+        return mk(n + 1)[1:].view(shape), mk(n + 3)[3:].view(shape)
+    if layout == "sliced":
+        return mk(3, 10, 7, 8)[..., 2:7], mk(3, 10, 7, 8)[..., :5]
+    if layout == "mixed":
+        return mk(shape).to(memory_format=torch.channels_last), mk(shape)
+    if layout == "expanded":
+        return mk(shape), mk(1, 10, 1, 1).expand(shape)
+    if layout == "transposed":
+        return mk(40, 33).t(), mk(40, 33).t()
+    raise AssertionError(layout)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["channels_last", "misaligned", "sliced", "mixed", "expanded", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_add_relu_layouts(cuda_lib, layout, dtype):
+    x, y = _add_relu_inputs(layout, dtype)
+    out = cb.add_relu(x, y)
+    torch.testing.assert_close(out, torch.relu(x + y), rtol=0, atol=0)
+    assert out.stride() == cb._fake_add_relu(x, y).stride()  # the fake describes the real output
+    if layout in ("channels_last", "mixed"):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@requires_cuda
+def test_gpu_add_relu_backward(cuda_lib):
+    x = torch.randn(4, 16, 5, 5, device="cuda", requires_grad=True)
+    y = torch.randn(4, 16, 5, 5, device="cuda", requires_grad=True)
+    g = torch.randn(4, 16, 5, 5, device="cuda")
+    gx, gy = torch.autograd.grad(cb.add_relu(x, y), (x, y), g)
+    rx, ry = torch.autograd.grad(torch.relu(x + y), (x, y), g)
+    torch.testing.assert_close(gx, rx, rtol=0, atol=0)
+    torch.testing.assert_close(gy, ry, rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (3, 67, 5, 7), (64, 8, 56, 56), (4, 512, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_bn_stats(cuda_lib, layout, shape, dtype):
+    x = (torch.randn(shape, device="cuda") + 100.0).to(dtype)  # large mean: stability
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    mean, var = torch.ops.resnet_fast.bn_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert mean.dtype == var.dtype == torch.float32
+    assert rel_err(mean, mean_ref) < 1e-6
+    assert rel_err(var, var_ref) < 1e-4
+
+
+BN_SHAPES = [(4, 64, 8, 8), (3, 67, 5, 7), (2, 3, 7, 7), (16, 32, 1, 1), (5, 256, 14, 14), (2, 8, 3, 3)]
+
+
+def _run_bn(fn, cast, x, w, b, rm, rv, res, g, training, relu):
+    """fn on cast copies of the inputs; returns (out, grads of (x, w, b, res) present, rm, rv)."""
+    leaves = [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b, res)]
+    rm_, rv_ = cast(rm).clone(), cast(rv).clone()
+    out = fn(leaves[0], leaves[1], leaves[2], rm_, rv_, training, 0.1, 1e-5, leaves[3], relu)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, cast(g))
+    return out, grads, rm_, rv_
+
+
+@requires_cuda
+@pytest.mark.parametrize("res_relu", [(True, True), (False, True), (False, False)], ids=["res_relu", "relu", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_bn_act_parity(cuda_lib, dtype, layout, shape, training, res_relu):
+    """Forward, gradients (x, weight, bias, residual) and running stats vs the float64 reference."""
+    residual, relu = res_relu
+    x, w, b, rm, rv, res = _bn_case(shape, dtype, layout, device="cuda", shift=3.0)  # fp32 weight (AMP-style)
+    res = res if residual else None
+    g = torch.randn(shape, device="cuda").to(dtype)
+    keep = lambda t: t  # noqa: E731
+    mine = _run_bn(cb.batch_norm_act, keep, x, w, b, rm, rv, res, g, training, relu)
+    same = _run_bn(reference.batch_norm_act, keep, x, w, b, rm, rv, res, g, training, relu)
+    ref = _run_bn(reference.batch_norm_act, lambda t: t.double(), x, w, b, rm, rv, res, g, training, relu)
+    out = mine[0]
+    assert out.dtype == dtype and out.shape == x.shape
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref[0]) <= _tol(dtype, same[0], ref[0])
+    for name, a, s, r in zip(["x", "weight", "bias", "residual"], mine[1], same[1], ref[1]):
+        assert a.dtype == s.dtype and a.shape == s.shape, name
+        assert rel_err(a, r) <= _tol(a.dtype if a.dtype != torch.float32 else dtype, s, r), name
+    for a, s, r in zip(mine[2:], same[2:], ref[2:]):
+        assert rel_err(a, r) <= max(2 * rel_err(s, r), 1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_running_stats_after_several_steps(cuda_lib, layout, dtype):
+    bn = torch.nn.BatchNorm2d(24).cuda()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(5):
+        x = (torch.randn(6, 24, 9, 7, device="cuda") * (step + 1) + step).to(dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            bn(x)
+            cb.batch_norm_act(x, bn.weight, bn.bias, rm, rv, True, 0.1, 1e-5, None, True)
+    torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+def test_gpu_public_op_runs_the_kernel(cuda_lib):
+    x = torch.randn(4, 32, 6, 6, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.ones(32, device="cuda", requires_grad=True)
+    b = torch.zeros(32, device="cuda", requires_grad=True)
+    rm, rv = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with resnet_fast.backend("cuda", strict=True):
+            out = resnet_fast.ops.batch_norm_act(x, w, b, rm, rv, training=True, residual=x, relu=True)
+            out.float().sum().backward()
+            resnet_fast.ops.add_relu(x.detach(), x.detach())
+    names = {e.key for e in prof.key_averages()}
+    assert {"resnet_fast::bn_act_forward", "resnet_fast::bn_act_backward", "resnet_fast::add_relu"} <= names
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
+@requires_cuda
+def test_gpu_opcheck(cuda_lib):
+    """Real kernels vs their fake implementations, declared mutation, autograd registration."""
+    for dtype in DTYPES:
+        x = torch.randn(3, 16, 5, 5, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+        w, b = torch.randn(16, device="cuda"), torch.randn(16, device="cuda")
+        rm, rv = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+        torch.library.opcheck(torch.ops.resnet_fast.add_relu.default, (x, torch.randn_like(x)))
+        torch.library.opcheck(torch.ops.resnet_fast.bn_stats.default, (x,))
+        torch.library.opcheck(
+            torch.ops.resnet_fast.bn_act_forward.default, (x, w, b, rm, rv, True, 0.1, 1e-5, torch.randn_like(x), True)
+        )
+        out, mean, invstd = torch.ops.resnet_fast.bn_act_forward(x, w, b, rm, rv, True, 0.1, 1e-5, None, True)
+        torch.library.opcheck(
+            torch.ops.resnet_fast.bn_act_backward.default, (torch.randn_like(x), x, out, w, mean, invstd, True, True, True)
+        )
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_torch_compile_fullgraph(cuda_lib, dtype):
+    torch._dynamo.reset()
+
+    def step(x, w, b, rm, rv, res):
+        y = cb.batch_norm_act(x, w, b, rm, rv, True, 0.1, 1e-5, res, True)
+        return cb.add_relu(y, res)
+
+    x, w, b, rm, rv, res = _bn_case((8, 64, 14, 14), dtype, "channels_last", device="cuda")
+    for t in (x, w, b):
+        t.requires_grad_()
+    rm2, rv2 = rm.clone(), rv.clone()
+    out = torch.compile(step, fullgraph=True)(x, w, b, rm, rv, res)
+    ref = step(x, w, b, rm2, rv2, res)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(rm, rm2)
+    torch.testing.assert_close(rv, rv2)
+    g = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(a, e)
+
+
+@requires_cuda
+def test_gpu_resnet50_train_step_amp_bf16_channels_last(cuda_lib, monkeypatch):
+    """One AMP bf16 channels_last training step on the cuda backend vs torchvision: loss, gradients and
+    running statistics within 2x torchvision's own bf16 error against its fp32 step (TF32 off)."""
+    import copy
+
+    tv_models = pytest.importorskip("torchvision.models")
+    if not hasattr(resnet_fast, "resnet50"):
+        pytest.skip("resnet_fast.resnet50 is not there yet")
+
+    calls = {"n": 0}
+    cuda_ops = backends._REGISTRY["cuda"].ops()
+    fused = cuda_ops["batch_norm_act"]
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setitem(cuda_ops, "batch_norm_act", counting)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    torch.manual_seed(0)
+    base = tv_models.resnet50()
+    x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (8,), device="cuda")
+
+    def run(model, amp):
+        model = model.cuda().to(memory_format=torch.channels_last).train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        grads = torch.cat([p.grad.detach().double().flatten() for p in model.parameters()])
+        stats = torch.cat([m.detach().double().flatten() for n, m in model.named_buffers() if "running" in n])
+        return loss.detach().double(), grads, stats
+
+    ref = run(copy.deepcopy(base), amp=False)
+    same = run(copy.deepcopy(base), amp=True)
+    ours_model = resnet_fast.resnet50()
+    ours_model.load_state_dict(base.state_dict())
+    with resnet_fast.backend("cuda"):
+        ours = run(ours_model, amp=True)
+    assert calls["n"] >= 53  # every BatchNorm of resnet50 went through the fused kernel
+    loss_err = abs((ours[0] - ref[0]).item())
+    assert loss_err <= max(2 * abs((same[0] - ref[0]).item()), 2.0**-8 * abs(ref[0].item()))
+    assert rel_err(ours[1], ref[1]) <= max(2 * rel_err(same[1], ref[1]), 2.0**-8)
+    assert rel_err(ours[2], ref[2]) <= max(2 * rel_err(same[2], ref[2]), 1e-5)
