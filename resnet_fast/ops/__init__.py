@@ -8,6 +8,10 @@ Backends (``resnet_fast.backends``): ``"torch"`` (the reference, :mod:`resnet_fa
 every device, with autograd); ``"triton"`` and ``"cuda"`` (CUDA kernels) where installed. An op called
 with tensors that need a gradient runs on a backend with a backward for it (the reference otherwise).
 
+Explicit fallbacks (``resnet_fast.backends.Unsupported``): the Triton ``conv_bias_act`` does not run
+grouped convolutions (``groups > 1``, ResNeXt): those calls run on the reference (cuDNN on CUDA),
+silently in ``"auto"`` mode, with one warning when ``"triton"`` was selected, and raise in strict mode.
+
 Under ``torch.autocast``, ``conv_bias_act`` casts its floating inputs to the autocast dtype first, as
 ``torch.nn.functional.conv2d`` would.
 """
