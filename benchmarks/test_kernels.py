@@ -219,8 +219,8 @@ def test_add_relu(shape, direction, impl, measure, benchmark):
             return None
         outs = [_run_or_skip(lambda: op(x, y)) for x, y in sets]
         g = _Graphs(outs, list(sets), [torch.randn_like(o) for o in outs])
-        step = _backward_step(g)
-        measure(step, device=DEVICE, work=bu.Work(bytes=3 * numel * 2))  # read grad, read out, write grad
+        # read grad, read out, write grad
+        measure(_backward_step(g), device=DEVICE, work=bu.Work(bytes=3 * numel * 2))
         return g
 
     if ctx is None:
