@@ -17,7 +17,6 @@
 //   training: grad_x = (g - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M) * invstd * weight
 //   eval:     grad_x = g * invstd * weight
 #include "common.cuh"
-#include "ops.h"
 
 namespace resnet_fast {
 namespace {
@@ -45,12 +44,12 @@ __device__ __forceinline__ void welford_merge(float& mean, float& m2, float& n, 
 
 // NHWC reductions: a block covers kCols consecutive channels (threadIdx.x, coalesced) and kRows row
 // lanes (threadIdx.y); grid = (ceil(C / kCols), P), rows strided by P * kRows.
-constexpr int kCols = 32;
-constexpr int kRows = 16;
+constexpr int kCols = kReduceCols;
+constexpr int kRows = kReduceRows;
 // NCHW reductions: a block of kThreads threads covers one channel (blockIdx.x) and a 1/P slice
 // (blockIdx.y) of its N*HW elements, walked in (n, s) order so consecutive threads read consecutive s.
-constexpr int kThreads = 256;  // power of two (tree reduction)
-constexpr int kMaxPartials = 1024;
+constexpr int kThreads = kReduceThreads;
+static_assert((kThreads & (kThreads - 1)) == 0, "tree reduction needs a power of two");
 
 // ---------------------------------------------------------------------------------------------
 // Statistics.
@@ -244,7 +243,7 @@ __global__ void bwd_finalize_kernel(const float* __restrict__ p_sum_dy, const fl
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise passes. V elements per access: V = Vec<T>::N when the pointers are 16-byte aligned and
+// Elementwise passes. V elements per access: V = vec_elems<T>() when the pointers are 16-byte aligned and
 // a pack never crosses a channel boundary (NHWC: C % V == 0, the V elements are channels c0..c0+V-1;
 // NCHW: HW % V == 0, the V elements share channel c0); V = 1 otherwise. numel % V == 0 in both cases.
 template <bool NHWC, int V>
@@ -308,288 +307,114 @@ __global__ void bn_bwd_elemt_kernel(const T* __restrict__ dy, const T* __restric
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Host helpers.
-struct Geometry {
-  int64_t N, C, HW, M;
-  bool nhwc;
-  at::MemoryFormat fmt;
-};
-
-Geometry geometry_of(const at::Tensor& x, at::MemoryFormat fmt) {
-  Geometry g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.HW = x.size(2) * x.size(3);
-  g.M = g.N * g.HW;
-  g.fmt = fmt;
-  g.nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  return g;
-}
-
-// Grid for the two-level reductions; returns P (partials per channel).
-int64_t reduction_partials(const Geometry& g, dim3& grid, dim3& block) {
-  const int64_t target_blocks = static_cast<int64_t>(sm_count()) * 4;
-  int64_t P;
-  if (g.nhwc) {
-    const int64_t gx = (g.C + kCols - 1) / kCols;
-    const int64_t max_p = std::max<int64_t>(1, std::min<int64_t>((g.M + kRows - 1) / kRows, kMaxPartials));
-    P = std::min(max_p, std::max<int64_t>(1, (target_blocks + gx - 1) / gx));
-    grid = dim3(static_cast<unsigned int>(gx), static_cast<unsigned int>(P));
-    block = dim3(kCols, kRows);
-  } else {
-    const int64_t max_p = std::max<int64_t>(1, std::min<int64_t>((g.M + kThreads - 1) / kThreads, kMaxPartials));
-    P = std::min(max_p, std::max<int64_t>(1, (target_blocks + g.C - 1) / g.C));
-    grid = dim3(static_cast<unsigned int>(g.C), static_cast<unsigned int>(P));
-    block = dim3(kThreads);
-  }
-  return P;
-}
-
-unsigned int channel_grid(int64_t C) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((C + 255) / 256, 65535)));
-}
-
-// Batch statistics of xc (contiguous in g.fmt) into float32 [C] outputs.
-void launch_stats(const at::Tensor& xc, const Geometry& g, float eps, float momentum, float* mean_out,
-                  float* invstd_out, float* var_out, float* running_mean, float* running_var) {
-  TORCH_CHECK(g.C <= 2147483647LL, "batch_norm_act: too many channels");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dim3 grid, block;
-  const int64_t P = reduction_partials(g, grid, block);
-  at::Tensor ws = at::empty({3, P, g.C}, xc.options().dtype(at::kFloat));
-  float* p_mean = ws.mutable_data_ptr<float>();
-  float* p_m2 = p_mean + P * g.C;
-  float* p_n = p_m2 + P * g.C;
-  RF_DISPATCH(xc.scalar_type(), "bn_stats", [&] {
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    if (g.nhwc) {
-      stats_nhwc_kernel<scalar_t><<<grid, block, 0, stream>>>(xp, g.M, g.C, p_mean, p_m2, p_n);
-    } else {
-      stats_nchw_kernel<scalar_t><<<grid, block, 0, stream>>>(xp, g.N, g.C, g.HW, p_mean, p_m2, p_n);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  stats_finalize_kernel<<<channel_grid(g.C), 256, 0, stream>>>(p_mean, p_m2, p_n, P, g.C, eps, momentum, mean_out,
-                                                                 invstd_out, var_out, running_mean, running_var);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Whether 16-byte packs can be used for tensors of geometry g at these addresses.
-template <typename T>
-bool can_vectorize(const Geometry& g, std::initializer_list<const void*> ptrs) {
-  constexpr int N = Vec<T>::N;
-  for (const void* p : ptrs) {
-    if (p != nullptr && !is_aligned16(p)) return false;
-  }
-  return g.nhwc ? (g.C % N == 0) : (g.HW % N == 0);
-}
-
-template <typename T, int V, bool NHWC>
-void launch_apply_v(const T* x, const T* res, T* out, const Geometry& g, const float* mean, const float* invstd,
-                    const float* w, const float* b, bool relu, cudaStream_t stream) {
-  const int64_t numel = g.M * g.C;
-  bn_apply_kernel<T, V, NHWC><<<grid_for(numel / V, 256), 256, 0, stream>>>(x, res, out, numel, g.C, g.HW, mean,
-                                                                             invstd, w, b, relu);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int V, bool NHWC>
-void launch_bwd_elemt_v(const T* dy, const T* x, const T* out, T* gx, T* gr, const Geometry& g, const float* mean,
-                        const float* a, const float* b, const float* c, bool relu, cudaStream_t stream) {
-  const int64_t numel = g.M * g.C;
-  bn_bwd_elemt_kernel<T, V, NHWC><<<grid_for(numel / V, 256), 256, 0, stream>>>(dy, x, out, gx, gr, numel, g.C,
-                                                                                 g.HW, mean, a, b, c, relu);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
-
-// A per-channel parameter as a contiguous float32 [C] tensor (undefined if absent).
-at::Tensor channel_param(const std::optional<at::Tensor>& t, int64_t C, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "batch_norm_act: ", name, " must have shape [", C, "], got ",
-              t->sizes());
-  return t->to(at::kFloat).contiguous();
-}
-
-void check_input(const at::Tensor& x, const char* op) {
-  check_cuda(x, op, "x");
-  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D [N, C, H, W] tensor, got ", x.dim(), "-D");
-  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": unsupported dtype ", x.scalar_type(),
-              " (expected float32, float16 or bfloat16)");
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
-  check_input(x, "bn_stats");
-  c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = pick_format(x);
-  const at::Tensor xc = in_format(x, fmt);
-  const Geometry g = geometry_of(xc, fmt);
-  TORCH_CHECK(g.M > 0, "bn_stats: x has no elements per channel");
-  at::Tensor mean = at::empty({g.C}, x.options().dtype(at::kFloat));
-  at::Tensor var = at::empty({g.C}, x.options().dtype(at::kFloat));
-  if (g.C == 0) return {mean, var};
-  launch_stats(xc, g, 0.f, 0.f, mean.mutable_data_ptr<float>(), nullptr, var.mutable_data_ptr<float>(), nullptr,
-               nullptr);
-  return {mean, var};
+// Launchers (grid sizing and tensor handling: ops.cpp).
+template <typename T>
+void launch_bn_stats_partials(const T* x, const BnGeometry& g, int64_t P, float* p_mean, float* p_m2, float* p_n,
+                              cudaStream_t stream) {
+  if (g.nhwc) {
+    const dim3 grid(static_cast<unsigned int>((g.C + kCols - 1) / kCols), static_cast<unsigned int>(P));
+    stats_nhwc_kernel<T><<<grid, dim3(kCols, kRows), 0, stream>>>(x, g.M, g.C, p_mean, p_m2, p_n);
+  } else {
+    const dim3 grid(static_cast<unsigned int>(g.C), static_cast<unsigned int>(P));
+    stats_nchw_kernel<T><<<grid, kThreads, 0, stream>>>(x, g.N, g.C, g.HW, p_mean, p_m2, p_n);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double momentum, double eps, const std::optional<at::Tensor>& residual, bool relu) {
-  check_input(x, "bn_act_forward");
-  c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = pick_format(x);
-  const at::Tensor xc = in_format(x, fmt);
-  const Geometry g = geometry_of(xc, fmt);
-  const bool has_rm = running_mean.has_value() && running_mean->defined();
-  const bool has_rv = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_rm == has_rv, "bn_act_forward: running_mean and running_var must both be given or both be None");
-  TORCH_CHECK(training || has_rm, "bn_act_forward: training=False needs running_mean and running_var");
+void launch_bn_stats_finalize(const float* p_mean, const float* p_m2, const float* p_n, int64_t P, int64_t C,
+                              float eps, float momentum, float* mean_out, float* invstd_out, float* var_out,
+                              float* running_mean, float* running_var, cudaStream_t stream) {
+  const unsigned int blocks = static_cast<unsigned int>((C + kChannelThreads - 1) / kChannelThreads);
+  stats_finalize_kernel<<<blocks, kChannelThreads, 0, stream>>>(p_mean, p_m2, p_n, P, C, eps, momentum, mean_out,
+                                                                invstd_out, var_out, running_mean, running_var);
+}
 
-  const at::Tensor w = channel_param(weight, g.C, "weight");
-  const at::Tensor b = channel_param(bias, g.C, "bias");
-  at::Tensor rc;
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
-                    residual->device() == x.device(),
-                "bn_act_forward: residual must match x in shape, dtype and device");
-    rc = in_format(*residual, fmt);
-  }
-  const auto fopt = x.options().dtype(at::kFloat);
-  at::Tensor out = at::empty_like(xc);
-  at::Tensor save_mean, save_invstd;
-
-  if (training) {
-    TORCH_CHECK(g.M > 1, "bn_act_forward: expected more than 1 value per channel when training, got input size ",
-                x.sizes());
-    save_mean = at::empty({g.C}, fopt);
-    save_invstd = at::empty({g.C}, fopt);
-    at::Tensor rm, rv;
-    if (has_rm) {
-      TORCH_CHECK(running_mean->numel() == g.C && running_var->numel() == g.C,
-                  "bn_act_forward: running statistics must have ", g.C, " elements");
-      TORCH_CHECK(running_mean->device() == x.device() && running_var->device() == x.device(),
-                  "bn_act_forward: running statistics must be on x's device");
-      // Kernels update float32 contiguous buffers; other dtypes/strides go through a copy written back.
-      auto as_f32 = [](const at::Tensor& t) {
-        return (t.scalar_type() == at::kFloat && t.is_contiguous()) ? t : t.to(at::kFloat).contiguous();
-      };
-      rm = as_f32(*running_mean);
-      rv = as_f32(*running_var);
-    }
-    if (g.C > 0) {
-      launch_stats(xc, g, static_cast<float>(eps), static_cast<float>(momentum), save_mean.mutable_data_ptr<float>(),
-                   save_invstd.mutable_data_ptr<float>(), nullptr,
-                   has_rm ? rm.mutable_data_ptr<float>() : nullptr, has_rm ? rv.mutable_data_ptr<float>() : nullptr);
-    }
-    if (has_rm) {
-      if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
-      if (!rv.is_same(*running_var)) running_var->copy_(rv);
+template <typename T>
+void launch_bn_apply(const T* x, const T* res, T* out, const BnGeometry& g, bool vectorized, const float* mean,
+                     const float* invstd, const float* weight, const float* bias, bool relu, unsigned int blocks,
+                     cudaStream_t stream) {
+  constexpr int VN = vec_elems<T>();
+  const int64_t numel = g.M * g.C;
+  const int64_t C = g.C, HW = g.HW;
+  if (g.nhwc) {
+    if (vectorized) {
+      bn_apply_kernel<T, VN, true><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
+                                                                               invstd, weight, bias, relu);
+    } else {
+      bn_apply_kernel<T, 1, true><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
+                                                                              invstd, weight, bias, relu);
     }
   } else {
-    save_mean = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    save_invstd = running_var->to(at::kFloat).add(eps).sqrt().reciprocal().contiguous();
+    if (vectorized) {
+      bn_apply_kernel<T, VN, false><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
+                                                                                invstd, weight, bias, relu);
+    } else {
+      bn_apply_kernel<T, 1, false><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
+                                                                               invstd, weight, bias, relu);
+    }
   }
-
-  if (xc.numel() == 0) return {out, save_mean, save_invstd};
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  RF_DISPATCH(x.scalar_type(), "bn_act_forward", [&] {
-    using T = scalar_t;
-    constexpr int VN = Vec<T>::N;
-    const T* xp = xc.const_data_ptr<T>();
-    const T* rp = rc.defined() ? rc.const_data_ptr<T>() : nullptr;
-    T* op = out.mutable_data_ptr<T>();
-    const float* mp = save_mean.const_data_ptr<float>();
-    const float* ip = save_invstd.const_data_ptr<float>();
-    const float* wp = ptr_or_null(w);
-    const float* bp = ptr_or_null(b);
-    const bool vec = can_vectorize<T>(g, {xp, rp, op});
-    if (g.nhwc) {
-      if (vec) launch_apply_v<T, VN, true>(xp, rp, op, g, mp, ip, wp, bp, relu, stream);
-      else launch_apply_v<T, 1, true>(xp, rp, op, g, mp, ip, wp, bp, relu, stream);
-    } else {
-      if (vec) launch_apply_v<T, VN, false>(xp, rp, op, g, mp, ip, wp, bp, relu, stream);
-      else launch_apply_v<T, 1, false>(xp, rp, op, g, mp, ip, wp, bp, relu, stream);
-    }
-  });
-  return {out, save_mean, save_invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& weight,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool residual_grad) {
-  check_input(x, "bn_act_backward");
-  check_cuda(grad_out, "bn_act_backward", "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && out.sizes() == x.sizes(),
-              "bn_act_backward: grad_out and out must have x's shape");
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-              "bn_act_backward: grad_out and out must have x's dtype");
-  c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = pick_format(x);
-  const at::Tensor xc = in_format(x, fmt);
-  const at::Tensor dyc = in_format(grad_out, fmt);
-  const at::Tensor outc = in_format(out, fmt);
-  const Geometry g = geometry_of(xc, fmt);
-  TORCH_CHECK(save_mean.numel() == g.C && save_invstd.numel() == g.C,
-              "bn_act_backward: save_mean and save_invstd must have C elements");
-  const at::Tensor mean = save_mean.to(at::kFloat).contiguous();
-  const at::Tensor invstd = save_invstd.to(at::kFloat).contiguous();
-  const at::Tensor w = channel_param(weight, g.C, "weight");
-
-  const auto fopt = x.options().dtype(at::kFloat);
-  at::Tensor grad_x = at::empty_like(xc);
-  at::Tensor grad_res = residual_grad ? at::empty_like(xc) : at::empty({0}, x.options());
-  at::Tensor grad_w = at::zeros({g.C}, fopt);
-  at::Tensor grad_b = at::zeros({g.C}, fopt);
-  if (xc.numel() == 0) return {grad_x, grad_w, grad_b, grad_res};
-
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dim3 grid, block;
-  const int64_t P = reduction_partials(g, grid, block);
-  at::Tensor ws = at::empty({2, P, g.C}, fopt);
-  float* p_dy = ws.mutable_data_ptr<float>();
-  float* p_dyx = p_dy + P * g.C;
-  at::Tensor coef = at::empty({3, g.C}, fopt);
-  float* ca = coef.mutable_data_ptr<float>();
-  float* cb = ca + g.C;
-  float* cc = cb + g.C;
-  const float* mp = mean.const_data_ptr<float>();
-
-  RF_DISPATCH(x.scalar_type(), "bn_act_backward", [&] {
-    using T = scalar_t;
-    constexpr int VN = Vec<T>::N;
-    const T* dyp = dyc.const_data_ptr<T>();
-    const T* xp = xc.const_data_ptr<T>();
-    const T* op = outc.const_data_ptr<T>();
-    if (g.nhwc) {
-      bwd_reduce_nhwc_kernel<T><<<grid, block, 0, stream>>>(dyp, xp, op, mp, g.M, g.C, relu, p_dy, p_dyx);
-    } else {
-      bwd_reduce_nchw_kernel<T><<<grid, block, 0, stream>>>(dyp, xp, op, mp, g.N, g.C, g.HW, relu, p_dy, p_dyx);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_finalize_kernel<<<channel_grid(g.C), 256, 0, stream>>>(
-        p_dy, p_dyx, P, g.C, 1.f / static_cast<float>(g.M), training, invstd.const_data_ptr<float>(), ptr_or_null(w),
-        grad_w.mutable_data_ptr<float>(), grad_b.mutable_data_ptr<float>(), ca, cb, cc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    T* gxp = grad_x.mutable_data_ptr<T>();
-    T* grp = residual_grad ? grad_res.mutable_data_ptr<T>() : nullptr;
-    const bool vec = can_vectorize<T>(g, {dyp, xp, op, gxp, grp});
-    if (g.nhwc) {
-      if (vec) launch_bwd_elemt_v<T, VN, true>(dyp, xp, op, gxp, grp, g, mp, ca, cb, cc, relu, stream);
-      else launch_bwd_elemt_v<T, 1, true>(dyp, xp, op, gxp, grp, g, mp, ca, cb, cc, relu, stream);
-    } else {
-      if (vec) launch_bwd_elemt_v<T, VN, false>(dyp, xp, op, gxp, grp, g, mp, ca, cb, cc, relu, stream);
-      else launch_bwd_elemt_v<T, 1, false>(dyp, xp, op, gxp, grp, g, mp, ca, cb, cc, relu, stream);
-    }
-  });
-  return {grad_x, grad_w, grad_b, grad_res};
+template <typename T>
+void launch_bn_bwd_reduce(const T* dy, const T* x, const T* out, const float* mean, const BnGeometry& g, int64_t P,
+                          bool relu, float* p_sum_dy, float* p_sum_dy_xmu, cudaStream_t stream) {
+  if (g.nhwc) {
+    const dim3 grid(static_cast<unsigned int>((g.C + kCols - 1) / kCols), static_cast<unsigned int>(P));
+    bwd_reduce_nhwc_kernel<T><<<grid, dim3(kCols, kRows), 0, stream>>>(dy, x, out, mean, g.M, g.C, relu, p_sum_dy,
+                                                                         p_sum_dy_xmu);
+  } else {
+    const dim3 grid(static_cast<unsigned int>(g.C), static_cast<unsigned int>(P));
+    bwd_reduce_nchw_kernel<T><<<grid, kThreads, 0, stream>>>(dy, x, out, mean, g.N, g.C, g.HW, relu, p_sum_dy,
+                                                             p_sum_dy_xmu);
+  }
 }
+
+void launch_bn_bwd_finalize(const float* p_sum_dy, const float* p_sum_dy_xmu, int64_t P, int64_t C, int64_t M,
+                            bool training, const float* invstd, const float* weight, float* grad_weight,
+                            float* grad_bias, float* coef_a, float* coef_b, float* coef_c, cudaStream_t stream) {
+  const unsigned int blocks = static_cast<unsigned int>((C + kChannelThreads - 1) / kChannelThreads);
+  bwd_finalize_kernel<<<blocks, kChannelThreads, 0, stream>>>(p_sum_dy, p_sum_dy_xmu, P, C,
+                                                              1.f / static_cast<float>(M), training, invstd, weight,
+                                                              grad_weight, grad_bias, coef_a, coef_b, coef_c);
+}
+
+template <typename T>
+void launch_bn_bwd_elemt(const T* dy, const T* x, const T* out, T* grad_x, T* grad_res, const BnGeometry& g,
+                         bool vectorized, const float* mean, const float* coef_a, const float* coef_b,
+                         const float* coef_c, bool relu, unsigned int blocks, cudaStream_t stream) {
+  constexpr int VN = vec_elems<T>();
+  const int64_t numel = g.M * g.C;
+  const int64_t C = g.C, HW = g.HW;
+  if (g.nhwc) {
+    if (vectorized) {
+      bn_bwd_elemt_kernel<T, VN, true><<<blocks, kElementwiseThreads, 0, stream>>>(
+          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+    } else {
+      bn_bwd_elemt_kernel<T, 1, true><<<blocks, kElementwiseThreads, 0, stream>>>(
+          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+    }
+  } else {
+    if (vectorized) {
+      bn_bwd_elemt_kernel<T, VN, false><<<blocks, kElementwiseThreads, 0, stream>>>(
+          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+    } else {
+      bn_bwd_elemt_kernel<T, 1, false><<<blocks, kElementwiseThreads, 0, stream>>>(
+          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+    }
+  }
+}
+
+#define RF_INSTANTIATE_BN(T)                                                                                        \
+  template void launch_bn_stats_partials<T>(const T*, const BnGeometry&, int64_t, float*, float*, float*,          \
+                                            cudaStream_t);                                                        \
+  template void launch_bn_apply<T>(const T*, const T*, T*, const BnGeometry&, bool, const float*, const float*,    \
+                                   const float*, const float*, bool, unsigned int, cudaStream_t);                  \
+  template void launch_bn_bwd_reduce<T>(const T*, const T*, const T*, const float*, const BnGeometry&, int64_t,   \
+                                        bool, float*, float*, cudaStream_t);                                       \
+  template void launch_bn_bwd_elemt<T>(const T*, const T*, const T*, T*, T*, const BnGeometry&, bool, const float*, \
+                                       const float*, const float*, const float*, bool, unsigned int, cudaStream_t);
+RF_INSTANTIATE_FOR_DTYPES(RF_INSTANTIATE_BN)
 
 }  // namespace resnet_fast

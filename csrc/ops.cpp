@@ -1,11 +1,33 @@
-// Registers the resnet_fast CUDA kernels as torch operators (torch.ops.resnet_fast.*).
+// Tensor-level host code of the resnet_fast CUDA kernels and their registration as torch operators
+// (torch.ops.resnet_fast.*). Kernels and their launchers: add_relu.cu, batch_norm_act.cu (kernels.h).
 //
 // Schemas are the contract shared with the Python side (resnet_fast/backends/cuda_backend.py), which
 // adds the fake (meta) implementations used by torch.compile and the autograd formulas.
 // bn_act_forward mutates the running statistics in place, hence Tensor(a!)? / Tensor(b!)?.
+//
+// Light headers only (no ATen/cuda/CUDAContext.h, which pulls cusparse.h): ../shared/TOOLCHAIN.md.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "ops.h"
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
 
 #ifdef RESNET_FAST_PYTHON_MODULE
 // Built by setup.py as the Python extension module resnet_fast._C: an empty module whose import loads
@@ -13,11 +35,355 @@
 // the library with torch.ops.load_library instead and do not define this.
 #include <Python.h>
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "resnet_fast CUDA kernels (torch.ops.resnet_fast)",
-                                          -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "resnet_fast CUDA kernels (torch.ops.resnet_fast)", -1, nullptr};
   return PyModule_Create(&module_def);
 }
 #endif
+
+namespace resnet_fast {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// dtype dispatch: float32, float16, bfloat16.
+// Usage: RF_DISPATCH(t.scalar_type(), "op", [&] { launch<scalar_t>(...); });
+#define RF_DISPATCH(TYPE, NAME, ...)                                                                       \
+  [&] {                                                                                                    \
+    switch (TYPE) {                                                                                        \
+      case at::ScalarType::Float: {                                                                        \
+        using scalar_t = float;                                                                            \
+        return __VA_ARGS__();                                                                              \
+      }                                                                                                    \
+      case at::ScalarType::Half: {                                                                         \
+        using scalar_t = c10::Half;                                                                        \
+        return __VA_ARGS__();                                                                              \
+      }                                                                                                    \
+      case at::ScalarType::BFloat16: {                                                                     \
+        using scalar_t = c10::BFloat16;                                                                    \
+        return __VA_ARGS__();                                                                              \
+      }                                                                                                    \
+      default:                                                                                             \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", TYPE, " (expected float32, float16 or bfloat16)"); \
+    }                                                                                                      \
+  }()
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::ScalarType::Float || t == at::ScalarType::Half || t == at::ScalarType::BFloat16;
+}
+
+bool is_aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// ---------------------------------------------------------------------------------------------
+// Layouts. 4-D activations are processed either as NCHW or as NHWC (BnGeometry). A tensor already
+// contiguous in one of them is used as is (NCHW wins when both hold, e.g. C == 1 or H*W == 1, where
+// the two orders coincide); anything else is copied, to channels_last when its strides look
+// channels-last (stride(1) < stride(3)), else to NCHW. The Python fake implementations
+// (cuda_backend.pick_format) mirror this rule exactly.
+at::MemoryFormat pick_format(const at::Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 4 && x.stride(1) < x.stride(3)) return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+// `t` as a tensor contiguous in `fmt` (no copy if it already is).
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch sizing.
+int sm_count() {
+  int dev = static_cast<int>(c10::cuda::current_device());
+  static int cached[64] = {0};
+  if (dev < 0 || dev >= 64) dev = 0;
+  if (cached[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cached[dev] = std::max(n, 1);
+  }
+  return cached[dev];
+}
+
+// Blocks for a grid-stride loop over `work` items: enough to fill the GPU a few times over, never
+// more than there is work.
+unsigned int grid_for(int64_t work, int threads) {
+  const int64_t needed = (work + threads - 1) / threads;
+  const int64_t cap = static_cast<int64_t>(sm_count()) * 8;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, cap)));
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// add_relu. x and y with the same strides, contiguous or channels_last-contiguous, are processed as
+// flat arrays and the output gets the same strides; otherwise both are copied to pick_format(x).
+at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& y) {
+  check_cuda(x, "add_relu", "x");
+  check_cuda(y, "add_relu", "y");
+  TORCH_CHECK(x.device() == y.device(), "add_relu: x and y must be on the same device");
+  TORCH_CHECK(x.sizes() == y.sizes(), "add_relu: x and y must have the same shape, got ", x.sizes(), " and ",
+              y.sizes());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "add_relu: x and y must have the same dtype");
+  TORCH_CHECK(is_supported_dtype(x.scalar_type()), "add_relu: unsupported dtype ", x.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+
+  at::Tensor xc, yc, out;
+  const bool dense = x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
+  if (dense && x.strides() == y.strides()) {
+    xc = x;
+    yc = y;
+    out = at::empty_like(x);  // dense input: same strides
+  } else {
+    const at::MemoryFormat fmt = pick_format(x);
+    xc = in_format(x, fmt);
+    yc = in_format(y, fmt);
+    out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  }
+  const int64_t numel = x.numel();
+  if (numel == 0) return out;
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  RF_DISPATCH(x.scalar_type(), "add_relu", [&] {
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* yp = yc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const bool vec = is_aligned16(xp) && is_aligned16(yp) && is_aligned16(op);
+    const int64_t work = vec ? numel / vec_elems<scalar_t>() + vec_elems<scalar_t>() : numel;
+    launch_add_relu<scalar_t>(xp, yp, op, numel, vec, grid_for(work, kAddReluThreads), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch_norm_act.
+BnGeometry geometry_of(const at::Tensor& x, at::MemoryFormat fmt) {
+  BnGeometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.HW = x.size(2) * x.size(3);
+  g.M = g.N * g.HW;
+  g.nhwc = fmt == at::MemoryFormat::ChannelsLast;
+  return g;
+}
+
+// P: partials per channel for the two-level reductions (grid (ceil(C/32), P) or (C, P)).
+int64_t reduction_partials(const BnGeometry& g) {
+  const int64_t target_blocks = static_cast<int64_t>(sm_count()) * 4;
+  const int64_t rows_per_block = g.nhwc ? kReduceRows : kReduceThreads;
+  const int64_t blocks_x = g.nhwc ? (g.C + kReduceCols - 1) / kReduceCols : g.C;
+  const int64_t max_p =
+      std::max<int64_t>(1, std::min<int64_t>((g.M + rows_per_block - 1) / rows_per_block, kMaxPartials));
+  return std::min(max_p, std::max<int64_t>(1, (target_blocks + blocks_x - 1) / blocks_x));
+}
+
+// Whether 16-byte packs can be used for tensors of geometry g at these addresses: aligned, and packs
+// never cross a channel (NHWC: C % N == 0; NCHW: HW % N == 0). numel % N == 0 follows.
+template <typename T>
+bool can_vectorize(const BnGeometry& g, std::initializer_list<const void*> ptrs) {
+  constexpr int N = vec_elems<T>();
+  for (const void* p : ptrs) {
+    if (p != nullptr && !is_aligned16(p)) return false;
+  }
+  return g.nhwc ? (g.C % N == 0) : (g.HW % N == 0);
+}
+
+unsigned int elementwise_blocks(const BnGeometry& g, bool vectorized, int vec) {
+  return grid_for(g.M * g.C / (vectorized ? vec : 1), kElementwiseThreads);
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+
+// A per-channel parameter as a contiguous float32 [C] tensor (undefined if absent).
+at::Tensor channel_param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t C, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "batch_norm_act: ", name, " must have shape [", C, "], got ",
+              t->sizes());
+  TORCH_CHECK(t->device() == x.device(), "batch_norm_act: ", name, " must be on x's device, got ", t->device());
+  return t->to(at::kFloat).contiguous();
+}
+
+void check_input(const at::Tensor& x, const char* op) {
+  check_cuda(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D [N, C, H, W] tensor, got ", x.dim(), "-D");
+  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": unsupported dtype ", x.scalar_type(),
+              " (expected float32, float16 or bfloat16)");
+  TORCH_CHECK(x.size(1) <= 2147483647LL, op, ": too many channels");
+}
+
+// Batch statistics of xc (contiguous in the geometry's layout) into float32 [C] outputs.
+void run_stats(const at::Tensor& xc, const BnGeometry& g, float eps, float momentum, float* mean_out,
+               float* invstd_out, float* var_out, float* running_mean, float* running_var) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t P = reduction_partials(g);
+  at::Tensor ws = at::empty({3, P, g.C}, xc.options().dtype(at::kFloat));
+  float* p_mean = ws.mutable_data_ptr<float>();
+  float* p_m2 = p_mean + P * g.C;
+  float* p_n = p_m2 + P * g.C;
+  RF_DISPATCH(xc.scalar_type(), "bn_stats", [&] {
+    launch_bn_stats_partials<scalar_t>(xc.const_data_ptr<scalar_t>(), g, P, p_mean, p_m2, p_n, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  launch_bn_stats_finalize(p_mean, p_m2, p_n, P, g.C, eps, momentum, mean_out, invstd_out, var_out, running_mean,
+                           running_var, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
+  check_input(x, "bn_stats");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = pick_format(x);
+  const at::Tensor xc = in_format(x, fmt);
+  const BnGeometry g = geometry_of(xc, fmt);
+  TORCH_CHECK(g.M > 0, "bn_stats: x has no elements per channel");
+  at::Tensor mean = at::empty({g.C}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty({g.C}, x.options().dtype(at::kFloat));
+  if (g.C == 0) return {mean, var};
+  run_stats(xc, g, 0.f, 0.f, mean.mutable_data_ptr<float>(), nullptr, var.mutable_data_ptr<float>(), nullptr,
+            nullptr);
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    double momentum, double eps, const std::optional<at::Tensor>& residual, bool relu) {
+  check_input(x, "bn_act_forward");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = pick_format(x);
+  const at::Tensor xc = in_format(x, fmt);
+  const BnGeometry g = geometry_of(xc, fmt);
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(has_rm == has_rv, "bn_act_forward: running_mean and running_var must both be given or both be None");
+  TORCH_CHECK(training || has_rm, "bn_act_forward: training=False needs running_mean and running_var");
+  if (has_rm) {
+    TORCH_CHECK(running_mean->numel() == g.C && running_var->numel() == g.C,
+                "bn_act_forward: running statistics must have ", g.C, " elements");
+    TORCH_CHECK(running_mean->device() == x.device() && running_var->device() == x.device(),
+                "bn_act_forward: running statistics must be on x's device");
+  }
+
+  const at::Tensor w = channel_param(weight, x, g.C, "weight");
+  const at::Tensor b = channel_param(bias, x, g.C, "bias");
+  at::Tensor rc;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device() == x.device(),
+                "bn_act_forward: residual must match x in shape, dtype and device");
+    rc = in_format(*residual, fmt);
+  }
+  const auto fopt = x.options().dtype(at::kFloat);
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor save_mean, save_invstd;
+
+  if (training) {
+    TORCH_CHECK(g.M > 1, "bn_act_forward: expected more than 1 value per channel when training, got input size ",
+                x.sizes());
+    save_mean = at::empty({g.C}, fopt);
+    save_invstd = at::empty({g.C}, fopt);
+    at::Tensor rm, rv;
+    if (has_rm) {
+      // The kernels update float32 contiguous buffers; other dtypes/strides go through a copy written back.
+      auto as_f32 = [](const at::Tensor& t) {
+        return (t.scalar_type() == at::kFloat && t.is_contiguous()) ? t : t.to(at::kFloat).contiguous();
+      };
+      rm = as_f32(*running_mean);
+      rv = as_f32(*running_var);
+    }
+    if (g.C > 0) {
+      run_stats(xc, g, static_cast<float>(eps), static_cast<float>(momentum), save_mean.mutable_data_ptr<float>(),
+                save_invstd.mutable_data_ptr<float>(), nullptr, has_rm ? rm.mutable_data_ptr<float>() : nullptr,
+                has_rm ? rv.mutable_data_ptr<float>() : nullptr);
+    }
+    if (has_rm) {
+      if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
+      if (!rv.is_same(*running_var)) running_var->copy_(rv);
+    }
+  } else {
+    save_mean = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    save_invstd = running_var->to(at::kFloat).add(eps).sqrt().reciprocal().contiguous();
+  }
+
+  if (xc.numel() == 0) return {out, save_mean, save_invstd};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  RF_DISPATCH(x.scalar_type(), "bn_act_forward", [&] {
+    using T = scalar_t;
+    const T* xp = xc.const_data_ptr<T>();
+    const T* rp = rc.defined() ? rc.const_data_ptr<T>() : nullptr;
+    T* op = out.mutable_data_ptr<T>();
+    const bool vec = can_vectorize<T>(g, {xp, rp, op});
+    launch_bn_apply<T>(xp, rp, op, g, vec, save_mean.const_data_ptr<float>(), save_invstd.const_data_ptr<float>(),
+                       ptr_or_null(w), ptr_or_null(b), relu, elementwise_blocks(g, vec, vec_elems<T>()), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool residual_grad) {
+  check_input(x, "bn_act_backward");
+  check_cuda(grad_out, "bn_act_backward", "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && out.sizes() == x.sizes(),
+              "bn_act_backward: grad_out and out must have x's shape");
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "bn_act_backward: grad_out and out must have x's dtype");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = pick_format(x);
+  const at::Tensor xc = in_format(x, fmt);
+  const at::Tensor dyc = in_format(grad_out, fmt);
+  const at::Tensor outc = in_format(out, fmt);
+  const BnGeometry g = geometry_of(xc, fmt);
+  TORCH_CHECK(save_mean.numel() == g.C && save_invstd.numel() == g.C,
+              "bn_act_backward: save_mean and save_invstd must have C elements");
+  const at::Tensor mean = save_mean.to(at::kFloat).contiguous();
+  const at::Tensor invstd = save_invstd.to(at::kFloat).contiguous();
+  const at::Tensor w = channel_param(weight, x, g.C, "weight");
+
+  const auto fopt = x.options().dtype(at::kFloat);
+  at::Tensor grad_x = at::empty_like(xc);
+  at::Tensor grad_res = residual_grad ? at::empty_like(xc) : at::empty({0}, x.options());
+  at::Tensor grad_w = at::zeros({g.C}, fopt);
+  at::Tensor grad_b = at::zeros({g.C}, fopt);
+  if (xc.numel() == 0) return {grad_x, grad_w, grad_b, grad_res};
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t P = reduction_partials(g);
+  at::Tensor ws = at::empty({2, P, g.C}, fopt);
+  float* p_dy = ws.mutable_data_ptr<float>();
+  float* p_dyx = p_dy + P * g.C;
+  at::Tensor coef = at::empty({3, g.C}, fopt);
+  float* ca = coef.mutable_data_ptr<float>();
+  float* cb = ca + g.C;
+  float* cc = cb + g.C;
+  const float* mp = mean.const_data_ptr<float>();
+
+  RF_DISPATCH(x.scalar_type(), "bn_act_backward", [&] {
+    using T = scalar_t;
+    const T* dyp = dyc.const_data_ptr<T>();
+    const T* xp = xc.const_data_ptr<T>();
+    const T* op = outc.const_data_ptr<T>();
+    launch_bn_bwd_reduce<T>(dyp, xp, op, mp, g, P, relu, p_dy, p_dyx, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_bn_bwd_finalize(p_dy, p_dyx, P, g.C, g.M, training, invstd.const_data_ptr<float>(), ptr_or_null(w),
+                           grad_w.mutable_data_ptr<float>(), grad_b.mutable_data_ptr<float>(), ca, cb, cc, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    T* gxp = grad_x.mutable_data_ptr<T>();
+    T* grp = residual_grad ? grad_res.mutable_data_ptr<T>() : nullptr;
+    const bool vec = can_vectorize<T>(g, {dyp, xp, op, gxp, grp});
+    launch_bn_bwd_elemt<T>(dyp, xp, op, gxp, grp, g, vec, mp, ca, cb, cc, relu,
+                           elementwise_blocks(g, vec, vec_elems<T>()), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_w, grad_b, grad_res};
+}
+
+}  // namespace
+}  // namespace resnet_fast
 
 TORCH_LIBRARY(resnet_fast, m) {
   m.def("add_relu(Tensor x, Tensor y) -> Tensor");
