@@ -24,6 +24,9 @@ sys.path.append(os.path.dirname(HERE))  # the repository root: an installed resn
 import bench_utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# cuDNN autotuning for the eager / compile baselines (and resnet_fast's own cuDNN fallbacks), as
+# torchvision's reference training scripts do; RESNET_FAST_BENCH_CUDNN_BENCHMARK=0 turns it off.
+CUDNN_BENCHMARK = os.environ.get("RESNET_FAST_BENCH_CUDNN_BENCHMARK", "1") != "0"
 NO_GPU_REASON = (
     "needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
     f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); GPU benchmarks are skipped"
@@ -55,7 +58,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["resnet_fast_bench"] = bench_utils.versions()
+    machine_info["resnet_fast_bench"] = dict(bench_utils.versions(), cudnn_benchmark=CUDNN_BENCHMARK)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -65,18 +68,24 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 
 @pytest.fixture(autouse=True)
-def _clean_state():
-    """Each benchmark starts in resnet_fast's auto mode and leaves no GPU memory or compiled graphs behind."""
+def _clean_state(request):
+    """Each benchmark starts in resnet_fast's auto mode (GPU ones with cuDNN autotuning on, see
+    CUDNN_BENCHMARK) and leaves no GPU memory, compiled graphs or changed settings behind."""
     try:
         import resnet_fast
 
         resnet_fast.set_backend("auto")
     except Exception:  # noqa: BLE001 - the tests report import problems themselves
         resnet_fast = None
+    gpu = HAS_CUDA and request.node.get_closest_marker("gpu") is not None
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if gpu:
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
     yield
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     if resnet_fast is not None:
         resnet_fast.set_backend("auto")
-    if HAS_CUDA:
+    if gpu:
         import gc
 
         torch._dynamo.reset()  # drop compiled graphs (and their CUDA-graph pools), even after a failure

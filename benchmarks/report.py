@@ -81,6 +81,7 @@ def run_section(data: dict) -> str:
         ["torchvision / triton", f"{env.get('torchvision')} / {env.get('triton')}"],
         ["resnet_fast", f"{env.get('resnet_fast')} at commit {commit}; backends loaded: {env.get('resnet_fast_backends')}"],
         ["TF32", f"cuDNN conv {env.get('cudnn_allow_tf32')}, matmul {env.get('matmul_allow_tf32')} (PyTorch defaults unless changed)"],
+        ["cudnn.benchmark (GPU benchmarks)", str(env.get("cudnn_benchmark"))],
         ["torch.compile mode", data.get("compile_mode_env") or "default (batch > 1), reduce-overhead (batch 1)"],
         ["recorded", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + " benchmarks (skipped ones are not in the JSON)"],
         ["pytest-benchmark", str(data.get("version"))],
