@@ -297,7 +297,7 @@ __global__ void bn_bwd_elemt_kernel(const T* __restrict__ dy, const T* __restric
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int64_t c = NHWC ? c0 + k : c0;
-      const bool pass = !relu || to_float(ov.v[k]) > 0.f;
+      const bool pass = !relu || !(to_float(ov.v[k]) <= 0.f);  // as masked_grad / threshold_backward
       const float g = pass ? to_float(dv.v[k]) : 0.f;
       gr.v[k] = pass ? dv.v[k] : from_float<T>(0.f);
       gx.v[k] = from_float<T>((g - coef_a[c] - (to_float(xv.v[k]) - mean[c]) * coef_b[c]) * coef_c[c]);
