@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark suite: timing, parity, work counts, ResNet shapes.
 
-Imported by the test modules (``benchmarks/conftest.py`` puts this folder on ``sys.path``); nothing here
+Imported by the test modules as ``benchmarks.bench_utils``; nothing here
 touches the GPU at import time, so the suite collects on a machine without one.
 
 Timing method (see BENCHMARKS.md, "Methodology"):

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.append(os.path.dirname(HERE))  # the repository root: an installed resnet_fast still wins
+if os.path.dirname(HERE) not in sys.path:  # the repository root (pytest puts it first already)
+    sys.path.append(os.path.dirname(HERE))
 
-import bench_utils  # noqa: E402
+from benchmarks import bench_utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # cuDNN autotuning for the eager / compile baselines (and resnet_fast's own cuDNN fallbacks), as

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench_utils as bu
+from benchmarks import bench_utils as bu
 
 pytestmark = pytest.mark.gpu
 

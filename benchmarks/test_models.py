@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench_utils as bu
+from benchmarks import bench_utils as bu
 
 RF_BACKENDS = ("triton", "cuda", "torch")
 HEADLINE = {
