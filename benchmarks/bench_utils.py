@@ -119,6 +119,7 @@ def measure(benchmark, step: Callable[[], object], *, device, work: Work | None 
     t_start = time.perf_counter()
     while n < min_warmup or time.perf_counter() - t_start < warmup_s:
         step()
+        sync()  # so the host cannot queue seconds of GPU work ahead of the clock
         n += 1
         if n >= 10 * MAX_ITERATIONS:
             break
