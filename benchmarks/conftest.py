@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 
 import pytest
 import torch
@@ -73,9 +74,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["resnet_fast_bench"] = dict(bench_utils.versions(), cudnn_benchmark=CUDNN_BENCHMARK)
 
 
+_SESSION_START = time.perf_counter()
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     args = shlex.join(str(a) for a in config.invocation_params.args)
     output_json["command"] = f"python -m pytest {args}"
+    output_json["wall_s"] = round(time.perf_counter() - _SESSION_START, 1)  # whole session, setup included
     output_json["compile_mode_env"] = os.environ.get("RESNET_FAST_BENCH_COMPILE_MODE")
 
 

@@ -77,6 +77,7 @@ def run_section(data: dict) -> str:
         ["device", device],
         ["date (UTC)", data.get("datetime", "?")],
         ["command", f"`{data.get('command', '?')}`"],
+        ["wall time of the run", f"{data['wall_s']:.0f} s" if data.get("wall_s") is not None else "not recorded"],
         ["torch / CUDA / cuDNN", f"{env.get('torch')} / {env.get('cuda_runtime')} / {cudnn}"],
         ["torchvision / triton", f"{env.get('torchvision')} / {env.get('triton')}"],
         ["resnet_fast", f"{env.get('resnet_fast')} at commit {commit}; backends loaded: {env.get('resnet_fast_backends')}"],

@@ -44,6 +44,7 @@ def test_report_from_real_cpu_run(real_json: Path, tmp_path: Path):
     report = _report()
     data = report.load(real_json)
     assert data["command"].startswith("python -m pytest")
+    assert data["wall_s"] > 0
     assert {b["extra_info"]["impl"] for b in data["benchmarks"]} == {"eager", "rf-torch"}
     md = tmp_path / "BENCHMARKS.md"
     shutil.copy(ROOT / "BENCHMARKS.md", md)
