@@ -401,7 +401,9 @@ def backend_usable(name: str, device: torch.device) -> str | None:
 
     if name not in backends.registered_backends():
         return f"backend {name!r} is not registered"
-    b = backends._REGISTRY[name]
+    b = getattr(backends, "_REGISTRY", {}).get(name)
+    if b is None:  # the registry's internals changed: fall back to the public list
+        return None if name in backends.available_backends() else f"backend {name!r} is not available"
     try:
         b.ops()
     except backends.BackendUnavailable as e:
