@@ -38,7 +38,8 @@ __global__ void add_relu_kernel(const T* __restrict__ x, const T* __restrict__ y
 template <typename T>
 void launch_add_relu(const T* x, const T* y, T* out, int64_t numel, bool vectorized, unsigned int blocks,
                      cudaStream_t stream) {
-  add_relu_kernel<T><<<blocks, kAddReluThreads, 0, stream>>>(x, y, out, numel, vectorized);
+  const auto kernel = &add_relu_kernel<T>;
+  RF_LAUNCH(kernel, blocks, kAddReluThreads, stream, x, y, out, numel, vectorized);
 }
 
 #define RF_INSTANTIATE_ADD_RELU(T) \

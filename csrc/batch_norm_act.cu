@@ -316,10 +316,12 @@ void launch_bn_stats_partials(const T* x, const BnGeometry& g, int64_t P, float*
                               cudaStream_t stream) {
   if (g.nhwc) {
     const dim3 grid(static_cast<unsigned int>((g.C + kCols - 1) / kCols), static_cast<unsigned int>(P));
-    stats_nhwc_kernel<T><<<grid, dim3(kCols, kRows), 0, stream>>>(x, g.M, g.C, p_mean, p_m2, p_n);
+    const auto kernel = &stats_nhwc_kernel<T>;
+    RF_LAUNCH(kernel, grid, dim3(kCols, kRows), stream, x, g.M, g.C, p_mean, p_m2, p_n);
   } else {
     const dim3 grid(static_cast<unsigned int>(g.C), static_cast<unsigned int>(P));
-    stats_nchw_kernel<T><<<grid, kThreads, 0, stream>>>(x, g.N, g.C, g.HW, p_mean, p_m2, p_n);
+    const auto kernel = &stats_nchw_kernel<T>;
+    RF_LAUNCH(kernel, grid, kThreads, stream, x, g.N, g.C, g.HW, p_mean, p_m2, p_n);
   }
 }
 
@@ -327,8 +329,9 @@ void launch_bn_stats_finalize(const float* p_mean, const float* p_m2, const floa
                               float eps, float momentum, float* mean_out, float* invstd_out, float* var_out,
                               float* running_mean, float* running_var, cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>((C + kChannelThreads - 1) / kChannelThreads);
-  stats_finalize_kernel<<<blocks, kChannelThreads, 0, stream>>>(p_mean, p_m2, p_n, P, C, eps, momentum, mean_out,
-                                                                invstd_out, var_out, running_mean, running_var);
+  const auto kernel = &stats_finalize_kernel;
+  RF_LAUNCH(kernel, blocks, kChannelThreads, stream, p_mean, p_m2, p_n, P, C, eps, momentum, mean_out, invstd_out,
+      var_out, running_mean, running_var);
 }
 
 template <typename T>
@@ -340,19 +343,23 @@ void launch_bn_apply(const T* x, const T* res, T* out, const BnGeometry& g, bool
   const int64_t C = g.C, HW = g.HW;
   if (g.nhwc) {
     if (vectorized) {
-      bn_apply_kernel<T, VN, true><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
-                                                                               invstd, weight, bias, relu);
+      const auto kernel = &bn_apply_kernel<T, VN, true>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
+          relu);
     } else {
-      bn_apply_kernel<T, 1, true><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
-                                                                              invstd, weight, bias, relu);
+      const auto kernel = &bn_apply_kernel<T, 1, true>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
+          relu);
     }
   } else {
     if (vectorized) {
-      bn_apply_kernel<T, VN, false><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
-                                                                                invstd, weight, bias, relu);
+      const auto kernel = &bn_apply_kernel<T, VN, false>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
+          relu);
     } else {
-      bn_apply_kernel<T, 1, false><<<blocks, kElementwiseThreads, 0, stream>>>(x, res, out, numel, C, HW, mean,
-                                                                               invstd, weight, bias, relu);
+      const auto kernel = &bn_apply_kernel<T, 1, false>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
+          relu);
     }
   }
 }
@@ -362,12 +369,12 @@ void launch_bn_bwd_reduce(const T* dy, const T* x, const T* out, const float* me
                           bool relu, float* p_sum_dy, float* p_sum_dy_xmu, cudaStream_t stream) {
   if (g.nhwc) {
     const dim3 grid(static_cast<unsigned int>((g.C + kCols - 1) / kCols), static_cast<unsigned int>(P));
-    bwd_reduce_nhwc_kernel<T><<<grid, dim3(kCols, kRows), 0, stream>>>(dy, x, out, mean, g.M, g.C, relu, p_sum_dy,
-                                                                         p_sum_dy_xmu);
+    const auto kernel = &bwd_reduce_nhwc_kernel<T>;
+    RF_LAUNCH(kernel, grid, dim3(kCols, kRows), stream, dy, x, out, mean, g.M, g.C, relu, p_sum_dy, p_sum_dy_xmu);
   } else {
     const dim3 grid(static_cast<unsigned int>(g.C), static_cast<unsigned int>(P));
-    bwd_reduce_nchw_kernel<T><<<grid, kThreads, 0, stream>>>(dy, x, out, mean, g.N, g.C, g.HW, relu, p_sum_dy,
-                                                             p_sum_dy_xmu);
+    const auto kernel = &bwd_reduce_nchw_kernel<T>;
+    RF_LAUNCH(kernel, grid, kThreads, stream, dy, x, out, mean, g.N, g.C, g.HW, relu, p_sum_dy, p_sum_dy_xmu);
   }
 }
 
@@ -375,9 +382,9 @@ void launch_bn_bwd_finalize(const float* p_sum_dy, const float* p_sum_dy_xmu, in
                             bool training, const float* invstd, const float* weight, float* grad_weight,
                             float* grad_bias, float* coef_a, float* coef_b, float* coef_c, cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>((C + kChannelThreads - 1) / kChannelThreads);
-  bwd_finalize_kernel<<<blocks, kChannelThreads, 0, stream>>>(p_sum_dy, p_sum_dy_xmu, P, C,
-                                                              1.f / static_cast<float>(M), training, invstd, weight,
-                                                              grad_weight, grad_bias, coef_a, coef_b, coef_c);
+  const auto kernel = &bwd_finalize_kernel;
+  RF_LAUNCH(kernel, blocks, kChannelThreads, stream, p_sum_dy, p_sum_dy_xmu, P, C, 1.f / static_cast<float>(M),
+      training, invstd, weight, grad_weight, grad_bias, coef_a, coef_b, coef_c);
 }
 
 template <typename T>
@@ -389,19 +396,23 @@ void launch_bn_bwd_elemt(const T* dy, const T* x, const T* out, T* grad_x, T* gr
   const int64_t C = g.C, HW = g.HW;
   if (g.nhwc) {
     if (vectorized) {
-      bn_bwd_elemt_kernel<T, VN, true><<<blocks, kElementwiseThreads, 0, stream>>>(
-          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+      const auto kernel = &bn_bwd_elemt_kernel<T, VN, true>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
+          coef_b, coef_c, relu);
     } else {
-      bn_bwd_elemt_kernel<T, 1, true><<<blocks, kElementwiseThreads, 0, stream>>>(
-          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+      const auto kernel = &bn_bwd_elemt_kernel<T, 1, true>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
+          coef_b, coef_c, relu);
     }
   } else {
     if (vectorized) {
-      bn_bwd_elemt_kernel<T, VN, false><<<blocks, kElementwiseThreads, 0, stream>>>(
-          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+      const auto kernel = &bn_bwd_elemt_kernel<T, VN, false>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
+          coef_b, coef_c, relu);
     } else {
-      bn_bwd_elemt_kernel<T, 1, false><<<blocks, kElementwiseThreads, 0, stream>>>(
-          dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a, coef_b, coef_c, relu);
+      const auto kernel = &bn_bwd_elemt_kernel<T, 1, false>;
+      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
+          coef_b, coef_c, relu);
     }
   }
 }

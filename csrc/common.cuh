@@ -5,7 +5,15 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#ifdef RESNET_FAST_CPU_EMULATION
+#include "emulation/cpu_emulation.h"  // g++ build that runs the kernels on the CPU (tests only)
+#else
 #include <cuda_runtime.h>
+// Kernel launch; KERNEL is a plain name (a function pointer for template kernels, whose template
+// arguments would split the macro's arguments). The CPU emulation defines its own RF_LAUNCH.
+#define RF_LAUNCH(KERNEL, GRID, BLOCK, STREAM, ...) KERNEL<<<GRID, BLOCK, 0, STREAM>>>(__VA_ARGS__)
+#endif
 
 #include <cstdint>
 

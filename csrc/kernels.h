@@ -3,7 +3,11 @@
 // the tensor-level host code in ops.cpp, which checks every launch with C10_CUDA_KERNEL_LAUNCH_CHECK().
 #pragma once
 
+#ifdef RESNET_FAST_CPU_EMULATION
+#include "emulation/cpu_emulation.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 

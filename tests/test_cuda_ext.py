@@ -1,11 +1,15 @@
 """The C++/CUDA extension (csrc/) and the "cuda" backend.
 
-Without a GPU (CI): the extension was built (when nvcc is there) and imports, every op is registered
-with the declared schemas, fake implementations give the right shapes/dtypes/strides, the backend
-explains why it cannot serve, and -- with a CPU mirror of the kernels' algorithm registered as the
-ops' CPU implementation -- the Python side (autograd.Function, register_autograd, fakes,
-torch.compile tracing of the mutating op) and the kernels' math (two-level Welford merge, backward
-coefficients, running-stat update) are checked against the reference.
+Without a GPU (CI):
+* the extension was built (when nvcc is there) and imports, every op is registered with the declared
+  schemas, fake implementations give the right shapes/dtypes/strides, the backend explains why it
+  cannot serve;
+* the real kernel code runs on the CPU: csrc/emulation compiles add_relu.cu and batch_norm_act.cu with
+  g++ against a small CUDA emulation (fibers for threads, real __syncthreads semantics), checked
+  against the float64 reference for every dtype, layout, tail and vector/scalar path;
+* with a CPU mirror of the kernels' algorithm registered as the ops' CPU implementation, the Python
+  side (autograd.Function, register_autograd, fakes, opcheck, torch.compile tracing of the mutating
+  op) is checked against the reference.
 
 With a GPU: parity of every op against the reference (fp32/fp16/bf16, odd sizes, tails,
 non-contiguous and misaligned inputs), backward against autograd of the reference, running statistics
@@ -703,3 +707,206 @@ def test_gpu_resnet50_train_step_amp_bf16_channels_last(cuda_lib, monkeypatch):
     assert loss_err <= max(2 * abs((same[0] - ref[0]).item()), 2.0**-8 * abs(ref[0].item()))
     assert rel_err(ours[1], ref[1]) <= max(2 * rel_err(same[1], ref[1]), 2.0**-8)
     assert rel_err(ours[2], ref[2]) <= max(2 * rel_err(same[2], ref[2]), 1e-5)
+
+
+# ================================================================================================
+# The real kernel code executed on the CPU: csrc/emulation compiles add_relu.cu and batch_norm_act.cu
+# with g++ against a small CUDA emulation (blocks one after another, a block's threads as std::threads,
+# __syncthreads a barrier). The host steps of ops.cpp (layout choice, vectorisation decision, launch
+# order) are mirrored below; P (partials per channel) and the grid size are varied on purpose.
+import ctypes  # noqa: E402
+import subprocess  # noqa: E402
+
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CPU emulation of the kernels")
+    src = cb.CSRC / "emulation" / "emulate.cpp"
+    out = tmp_path_factory.mktemp("emu") / "libresnet_fast_emu.so"
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-I", str(cb.CSRC), "-I", include, str(src),
+           "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lib = ctypes.CDLL(str(out))
+    P, I64, I, F, U = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint
+    lib.emu_add_relu.argtypes = [I, P, P, P, I64, I, U]
+    lib.emu_bn_stats_partials.argtypes = [I, P, I64, I64, I64, I, I64, P, P, P]
+    lib.emu_bn_stats_finalize.argtypes = [P, P, P, I64, I64, F, F, P, P, P, P, P]
+    lib.emu_bn_apply.argtypes = [I, P, P, P, I64, I64, I64, I, I, P, P, P, P, I, U]
+    lib.emu_bn_bwd_reduce.argtypes = [I, P, P, P, P, I64, I64, I64, I, I64, I, P, P]
+    lib.emu_bn_bwd_finalize.argtypes = [P, P, I64, I64, I64, I, P, P, P, P, P, P, P]
+    lib.emu_bn_bwd_elemt.argtypes = [I, P, P, P, P, P, I64, I64, I64, I, I, P, P, P, P, I, U]
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _aligned(*ts):
+    return all(t is None or t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _emu_add_relu(lib, x, y, blocks):
+    """add_relu_cuda (ops.cpp) on the emulated kernel."""
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if dense and x.stride() == y.stride():
+        xc, yc, out = x, y, torch.empty_like(x)
+    else:
+        fmt = cb.pick_format(x)
+        xc, yc = x.contiguous(memory_format=fmt), y.contiguous(memory_format=fmt)
+        out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    vec = _aligned(xc, yc, out)
+    lib.emu_add_relu(_DT[x.dtype], _ptr(xc), _ptr(yc), _ptr(out), x.numel(), int(vec), blocks)
+    return out, vec
+
+
+def _emu_geometry(x):
+    fmt = cb.pick_format(x)
+    n, c, h, w = x.shape
+    return fmt, fmt == torch.channels_last, n, c, h * w
+
+
+def _emu_bn_forward(lib, x, w, b, rm, rv, training, momentum, eps, res, relu, P, blocks):
+    """bn_act_forward_cuda (ops.cpp) on the emulated kernels; returns (out, mean, invstd, vectorized)."""
+    fmt, nhwc, n, c, hw = _emu_geometry(x)
+    xc = x.contiguous(memory_format=fmt)
+    rc = None if res is None else res.contiguous(memory_format=fmt)
+    wf = None if w is None else w.float().contiguous()
+    bf = None if b is None else b.float().contiguous()
+    out = torch.empty_like(xc)
+    if training:
+        mean, invstd, ws = torch.empty(c), torch.empty(c), torch.empty(3, P, c)
+        lib.emu_bn_stats_partials(_DT[x.dtype], _ptr(xc), n, c, hw, int(nhwc), P, _ptr(ws[0]), _ptr(ws[1]), _ptr(ws[2]))
+        lib.emu_bn_stats_finalize(_ptr(ws[0]), _ptr(ws[1]), _ptr(ws[2]), P, c, eps, momentum, _ptr(mean),
+                                  _ptr(invstd), None, _ptr(rm), _ptr(rv))
+    else:
+        mean, invstd = rm.float().clone(), 1.0 / torch.sqrt(rv.float() + eps)
+    vec = _aligned(xc, rc, out) and (c if nhwc else hw) % _VEC[x.dtype] == 0
+    lib.emu_bn_apply(_DT[x.dtype], _ptr(xc), _ptr(rc), _ptr(out), n, c, hw, int(nhwc), int(vec), _ptr(mean),
+                     _ptr(invstd), _ptr(wf), _ptr(bf), int(relu), blocks)
+    return out, mean, invstd, vec
+
+
+def _emu_bn_backward(lib, dy, x, out, w, mean, invstd, training, relu, residual_grad, P, blocks):
+    """bn_act_backward_cuda (ops.cpp) on the emulated kernels."""
+    fmt, nhwc, n, c, hw = _emu_geometry(x)
+    xc, dyc, outc = (t.contiguous(memory_format=fmt) for t in (x, dy, out))
+    wf = None if w is None else w.float().contiguous()
+    ws, coef = torch.empty(2, P, c), torch.empty(3, c)
+    gw, gb = torch.zeros(c), torch.zeros(c)
+    dt = _DT[x.dtype]
+    lib.emu_bn_bwd_reduce(dt, _ptr(dyc), _ptr(xc), _ptr(outc), _ptr(mean), n, c, hw, int(nhwc), P, int(relu),
+                          _ptr(ws[0]), _ptr(ws[1]))
+    lib.emu_bn_bwd_finalize(_ptr(ws[0]), _ptr(ws[1]), P, c, n * hw, int(training), _ptr(invstd), _ptr(wf), _ptr(gw),
+                            _ptr(gb), _ptr(coef[0]), _ptr(coef[1]), _ptr(coef[2]))
+    gx = torch.empty_like(xc)
+    gr = torch.empty_like(xc) if residual_grad else None
+    vec = _aligned(dyc, xc, outc, gx, gr) and (c if nhwc else hw) % _VEC[x.dtype] == 0
+    lib.emu_bn_bwd_elemt(dt, _ptr(dyc), _ptr(xc), _ptr(outc), _ptr(gx), _ptr(gr), n, c, hw, int(nhwc), int(vec),
+                         _ptr(mean), _ptr(coef[0]), _ptr(coef[1]), _ptr(coef[2]), int(relu), blocks)
+    return gx, gw, gb, gr
+
+
+def _emu_add_relu_inputs(case, dtype):
+    mk = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+    if case.startswith("numel"):
+        n = int(case[5:])
+        return mk(n), mk(n)
+    if case == "channels_last":
+        return mk(2, 16, 3, 5).to(memory_format=torch.channels_last), mk(2, 16, 3, 5).to(memory_format=torch.channels_last)
+    if case == "misaligned":
+        return mk(211)[1:].view(2, 5, 21), mk(213)[3:].view(2, 5, 21)
+    if case == "sliced":
+        return mk(3, 4, 5, 9)[..., 2:7], mk(3, 4, 5, 9)[..., :5]
+    if case == "mixed":
+        return mk(2, 6, 3, 5).to(memory_format=torch.channels_last), mk(2, 6, 3, 5)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+@pytest.mark.parametrize("case", ["numel1", "numel7", "numel33", "numel1031", "channels_last", "misaligned", "sliced",
+                                  "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_add_relu_kernel(emu, dtype, case, blocks):
+    x, y = _emu_add_relu_inputs(case, dtype)
+    out, vec = _emu_add_relu(emu, x, y, blocks)
+    assert vec == (case != "misaligned")
+    torch.testing.assert_close(out, torch.relu(x + y), rtol=0, atol=0)
+    assert out.stride() == cb._fake_add_relu(x, y).stride()
+
+
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_bn_stats_kernel(emu, dtype, layout, P):
+    x = (torch.randn(3, 40, 5, 7) * 0.5 + 300.0).to(dtype)  # large mean: Welford must keep the variance
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    fmt, nhwc, n, c, hw = _emu_geometry(x)
+    mean, var, ws = torch.empty(c), torch.empty(c), torch.empty(3, P, c)
+    emu.emu_bn_stats_partials(_DT[dtype], _ptr(x), n, c, hw, int(nhwc), P, _ptr(ws[0]), _ptr(ws[1]), _ptr(ws[2]))
+    emu.emu_bn_stats_finalize(_ptr(ws[0]), _ptr(ws[1]), _ptr(ws[2]), P, c, 0.0, 0.0, _ptr(mean), None, _ptr(var),
+                              None, None)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert rel_err(mean, mean_ref) < 1e-6
+    assert rel_err(var, var_ref) < 1e-4
+    assert torch.equal(ws[2].sum(0), torch.full((c,), float(n * hw)))  # every value counted once
+
+
+_EMU_BN_SHAPES = [(2, 8, 3, 5), (3, 5, 2, 3), (2, 6, 4, 4), (4, 3, 1, 1), (2, 40, 3, 3)]
+
+
+@pytest.mark.parametrize("res_relu", [(True, True), (False, True), (False, False)], ids=["res_relu", "relu", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", _EMU_BN_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_bn_act_kernels(emu, dtype, layout, shape, training, res_relu):
+    """Forward, running stats and every gradient of the emulated kernels vs the float64 reference."""
+    residual, relu = res_relu
+    x, w, b, rm, rv, res = _bn_case(shape, dtype, layout, shift=2.0)
+    res = res if residual else None
+    rm64, rv64 = rm.double(), rv.double()
+    P, blocks = (2, 3) if shape[1] % 2 else (3, 1)
+    out, mean, invstd, vec = _emu_bn_forward(emu, x, w, b, rm, rv, training, 0.1, 1e-5, res, relu, P, blocks)
+
+    leaves64 = [_f64(t).requires_grad_() for t in (x, w, b)] + ([_f64(res).requires_grad_()] if residual else [])
+    ref = reference.batch_norm_act(leaves64[0], leaves64[1], leaves64[2], rm64, rv64, training, 0.1, 1e-5,
+                                   leaves64[3] if residual else None, relu)
+    out_tol = {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    assert rel_err(out, ref) <= out_tol
+    assert rel_err(rm, rm64) < 1e-6 and rel_err(rv, rv64) < 1e-5
+    if layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+    dy = torch.randn(shape).to(dtype)
+    gx, gw, gb, gr = _emu_bn_backward(emu, dy, x, out, w, mean, invstd, training, relu, residual, P, blocks)
+    grads = torch.autograd.grad(ref, leaves64, dy.double())
+    assert rel_err(gx, grads[0]) <= max(out_tol, 1e-5)
+    assert rel_err(gw, grads[1]) <= 1e-5 * (1 if dtype == torch.float32 else 10)
+    assert rel_err(gb, grads[2]) <= 1e-5
+    if residual:
+        assert rel_err(gr, grads[3]) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_kernels_take_the_vector_path(emu, dtype):
+    """The 16-byte pack path (checked separately from the scalar one above) gives the same results."""
+    x, w, b, rm, rv, res = _bn_case((2, 16, 4, 4), dtype, "channels_last", shift=1.0)
+    out_v, mean, invstd, vec = _emu_bn_forward(emu, x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, res, True, 3, 2)
+    assert vec
+    ref = reference.batch_norm_act(_f64(x), _f64(w), _f64(b), rm.double(), rv.double(), True, 0.1, 1e-5, _f64(res),
+                                   True)
+    assert rel_err(out_v, ref) <= {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    x_nchw, res_nchw = x.contiguous(), res.contiguous()
+    out_nchw, _, _, vec_nchw = _emu_bn_forward(emu, x_nchw, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5, res_nchw,
+                                               True, 3, 2)
+    assert vec_nchw == (16 % _VEC[dtype] == 0)
+    torch.testing.assert_close(out_nchw, out_v.contiguous())  # same values up to the reduction order
