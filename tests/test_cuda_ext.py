@@ -581,8 +581,8 @@ def test_gpu_bn_act_parity(cuda_lib, dtype, layout, shape, training, res_relu):
     for name, a, s, r in zip(["x", "weight", "bias", "residual"], mine[1], same[1], ref[1]):
         assert a.dtype == s.dtype and a.shape == s.shape, name
         assert rel_err(a, r) <= _tol(a.dtype if a.dtype != torch.float32 else dtype, s, r), name
-    for a, s, r in zip(mine[2:], same[2:], ref[2:]):
-        assert rel_err(a, r) <= max(2 * rel_err(s, r), 1e-6)
+    for a, s, r in zip(mine[2:], same[2:], ref[2:]):  # running statistics (float32)
+        assert rel_err(a, r) <= max(2 * rel_err(s, r), 1e-5)
 
 
 @requires_cuda
