@@ -51,6 +51,28 @@ constexpr int kRows = kReduceRows;
 constexpr int kThreads = kReduceThreads;
 static_assert((kThreads & (kThreads - 1)) == 0, "tree reduction needs a power of two");
 
+// Reduction loops are unrolled kUnroll times (loads first, then the arithmetic in the same order as
+// the plain loop) so that each thread keeps several loads in flight.
+constexpr int kUnroll = 4;
+
+// NCHW: walks j = j0, j0 + step, ... over the N*HW values of one channel as (image, spatial) pairs,
+// without a division per element.
+struct NchwCursor {
+  int64_t img, s;
+  const int64_t d_img, d_s, HW;
+  __device__ NchwCursor(int64_t j0, int64_t step, int64_t hw)
+      : img(j0 / hw), s(j0 % hw), d_img(step / hw), d_s(step % hw), HW(hw) {}
+  __device__ __forceinline__ int64_t offset(int64_t C, int64_t c) const { return (img * C + c) * HW + s; }
+  __device__ __forceinline__ void advance() {
+    img += d_img;
+    s += d_s;
+    if (s >= HW) {
+      s -= HW;
+      ++img;
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Statistics.
 template <typename T>
@@ -64,9 +86,15 @@ __global__ void stats_nhwc_kernel(const T* __restrict__ x, int64_t M, int64_t C,
   float mean = 0.f, m2 = 0.f, n = 0.f;
   if (c < C) {
     const int64_t step = static_cast<int64_t>(gridDim.y) * kRows;
-    for (int64_t m = static_cast<int64_t>(blockIdx.y) * kRows + ty; m < M; m += step) {
-      welford_add(mean, m2, n, to_float(x[m * C + c]));
+    int64_t m = static_cast<int64_t>(blockIdx.y) * kRows + ty;
+    for (; m + (kUnroll - 1) * step < M; m += kUnroll * step) {
+      float v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = to_float(x[(m + u * step) * C + c]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) welford_add(mean, m2, n, v[u]);
     }
+    for (; m < M; m += step) welford_add(mean, m2, n, to_float(x[m * C + c]));
   }
   s_mean[ty][tx] = mean;
   s_m2[ty][tx] = m2;
@@ -92,10 +120,21 @@ __global__ void stats_nchw_kernel(const T* __restrict__ x, int64_t N, int64_t C,
   const int64_t M = N * HW;
   float mean = 0.f, m2 = 0.f, n = 0.f;
   const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads;
-  for (int64_t j = static_cast<int64_t>(blockIdx.y) * kThreads + tid; j < M; j += step) {
-    const int64_t img = j / HW;
-    const int64_t s = j - img * HW;
-    welford_add(mean, m2, n, to_float(x[(img * C + c) * HW + s]));
+  int64_t j = static_cast<int64_t>(blockIdx.y) * kThreads + tid;
+  NchwCursor cur(j, step, HW);
+  for (; j + (kUnroll - 1) * step < M; j += kUnroll * step) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      v[u] = to_float(x[cur.offset(C, c)]);
+      cur.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) welford_add(mean, m2, n, v[u]);
+  }
+  for (; j < M; j += step) {
+    welford_add(mean, m2, n, to_float(x[cur.offset(C, c)]));
+    cur.advance();
   }
   s_mean[tid] = mean;
   s_m2[tid] = m2;
@@ -162,7 +201,22 @@ __global__ void bwd_reduce_nhwc_kernel(const T* __restrict__ dy, const T* __rest
   if (c < C) {
     const float mu = mean[c];
     const int64_t step = static_cast<int64_t>(gridDim.y) * kRows;
-    for (int64_t m = static_cast<int64_t>(blockIdx.y) * kRows + ty; m < M; m += step) {
+    int64_t m = static_cast<int64_t>(blockIdx.y) * kRows + ty;
+    for (; m + (kUnroll - 1) * step < M; m += kUnroll * step) {
+      float g[kUnroll], xv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = (m + u * step) * C + c;
+        g[u] = masked_grad(dy, out, i, relu);
+        xv[u] = to_float(x[i]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        sum_dy += g[u];
+        sum_dyx += g[u] * (xv[u] - mu);
+      }
+    }
+    for (; m < M; m += step) {
       const int64_t i = m * C + c;
       const float g = masked_grad(dy, out, i, relu);
       sum_dy += g;
@@ -195,12 +249,29 @@ __global__ void bwd_reduce_nchw_kernel(const T* __restrict__ dy, const T* __rest
   const float mu = mean[c];
   float sum_dy = 0.f, sum_dyx = 0.f;
   const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads;
-  for (int64_t j = static_cast<int64_t>(blockIdx.y) * kThreads + tid; j < M; j += step) {
-    const int64_t img = j / HW;
-    const int64_t i = (img * C + c) * HW + (j - img * HW);
+  int64_t j = static_cast<int64_t>(blockIdx.y) * kThreads + tid;
+  NchwCursor cur(j, step, HW);
+  for (; j + (kUnroll - 1) * step < M; j += kUnroll * step) {
+    float g[kUnroll], xv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = cur.offset(C, c);
+      g[u] = masked_grad(dy, out, i, relu);
+      xv[u] = to_float(x[i]);
+      cur.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      sum_dy += g[u];
+      sum_dyx += g[u] * (xv[u] - mu);
+    }
+  }
+  for (; j < M; j += step) {
+    const int64_t i = cur.offset(C, c);
     const float g = masked_grad(dy, out, i, relu);
     sum_dy += g;
     sum_dyx += g * (to_float(x[i]) - mu);
+    cur.advance();
   }
   s_dy[tid] = sum_dy;
   s_dyx[tid] = sum_dyx;

@@ -910,3 +910,24 @@ def test_emulated_kernels_take_the_vector_path(emu, dtype):
                                                True, 3, 2)
     assert vec_nchw == (16 % _VEC[dtype] == 0)
     torch.testing.assert_close(out_nchw, out_v.contiguous())  # same values up to the reduction order
+
+
+@pytest.mark.parametrize("P", [1, 2])
+@pytest.mark.parametrize("shape", [(4, 3, 16, 17), (20, 3, 7, 9)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_emulated_long_reductions(emu, layout, shape, P):
+    """Enough values per thread for the unrolled reduction loops and the NCHW cursor's wrap-around
+    (step < HW and step > HW)."""
+    x, w, b, rm, rv, res = _bn_case(shape, torch.float32, layout, shift=5.0)
+    rm64, rv64 = rm.double(), rv.double()
+    out, mean, invstd, _ = _emu_bn_forward(emu, x, w, b, rm, rv, True, 0.1, 1e-5, res, True, P, 2)
+    leaves64 = [_f64(t).requires_grad_() for t in (x, w, b, res)]
+    ref = reference.batch_norm_act(leaves64[0], leaves64[1], leaves64[2], rm64, rv64, True, 0.1, 1e-5, leaves64[3],
+                                   True)
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(rm, rm64) < 1e-6 and rel_err(rv, rv64) < 1e-5
+    dy = torch.randn(shape)
+    gx, gw, gb, gr = _emu_bn_backward(emu, dy, x, out, w, mean, invstd, True, True, True, P, 2)
+    grads = torch.autograd.grad(ref, leaves64, dy.double())
+    for mine, theirs in zip((gx, gw, gb, gr), grads):
+        assert rel_err(mine, theirs) <= 1e-5
