@@ -91,7 +91,8 @@ def test_backend_registered_and_never_auto_selected_off_gpu():
     assert name == "torch"
 
 
-def test_backend_on_cpu_tensors_explains_itself():
+def test_backend_on_cpu_tensors_explains_itself(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())  # the fallback warning is said once per process
     x = torch.randn(2, 3, 4, 4)
     with resnet_fast.backend("cuda", strict=True):
         with pytest.raises(BackendUnavailable, match="cuda"):
