@@ -932,3 +932,22 @@ def test_emulated_long_reductions(emu, layout, shape, P):
     grads = torch.autograd.grad(ref, leaves64, dy.double())
     for mine, theirs in zip((gx, gw, gb, gr), grads):
         assert rel_err(mine, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_bn_without_affine(emu, dtype, layout, training):
+    """weight = bias = None: the kernels' nullptr paths (identity scale, no shift)."""
+    x, _, _, rm, rv, res = _bn_case((3, 8, 4, 5), dtype, layout, affine=False, shift=1.0)
+    rm64, rv64 = rm.double(), rv.double()
+    out, mean, invstd, _ = _emu_bn_forward(emu, x, None, None, rm, rv, training, 0.1, 1e-5, res, True, 2, 2)
+    x64, res64 = _f64(x).requires_grad_(), _f64(res).requires_grad_()
+    ref = reference.batch_norm_act(x64, None, None, rm64, rv64, training, 0.1, 1e-5, res64, True)
+    tol = {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    assert rel_err(out, ref) <= tol
+    dy = torch.randn(x.shape).to(dtype)
+    gx, _, _, gr = _emu_bn_backward(emu, dy, x, out, None, mean, invstd, training, True, True, 2, 2)
+    gx64, gr64 = torch.autograd.grad(ref, (x64, res64), dy.double())
+    assert rel_err(gx, gx64) <= max(tol, 1e-5)
+    assert rel_err(gr, gr64) <= 1e-12
