@@ -81,9 +81,10 @@ def test_every_op_registered_with_schema():
     assert written == ["running_mean", "running_var"]
 
 
-def test_backend_registered_and_never_auto_selected_off_gpu():
+def test_backend_registered_and_opt_in():
     assert "cuda" in backends.registered_backends()
     b = backends._REGISTRY["cuda"]
+    assert not b.auto_select(torch.device("cuda", 0)) and not b.auto_select(torch.device("cpu"))
     assert b.priority == 10
     assert b.differentiable == frozenset({"add_relu", "batch_norm_act"})
     assert not b.supports_device(torch.device("cpu")) and b.supports_device(torch.device("cuda", 0))
