@@ -268,3 +268,21 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
         resnet_fast.ResNet(resnet_fast.BasicBlock, [1, 1, 1, 1], **kwargs)
     with pytest.raises(ValueError, match="BasicBlock only supports groups=1"):
         resnet_fast.ResNet(resnet_fast.BasicBlock, [1, 1], groups=2)
+
+
+def test_torch_compile_fullgraph_eval_and_train():
+    """torch.compile traces the plain modules (no graph break from the fold cache) and agrees with eager."""
+    m = randomize_batch_norm(resnet_fast.ResNet(resnet_fast.BasicBlock, [1, 1], widths=(8, 16), stem="cifar",
+                                                num_classes=5))
+    x = torch.randn(4, 3, 16, 16)
+    m.eval()
+    with torch.no_grad():
+        expected = m(x)
+        assert rel_err(torch.compile(m, fullgraph=True)(x), expected) <= 1e-5
+    m.train()
+    eager = copy.deepcopy(m)
+    eager(x).square().sum().backward()
+    torch.compile(m, fullgraph=True)(x).square().sum().backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), m.named_parameters()):
+        assert rel_err(b.grad, a.grad) <= 1e-4, name
+    assert torch.allclose(eager.bn1.running_mean, m.bn1.running_mean, atol=1e-6)

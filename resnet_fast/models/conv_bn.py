@@ -129,6 +129,13 @@ def conv_bn_act(
     relu: bool,
 ) -> torch.Tensor:
     """``relu?(norm(conv(x)) + residual)`` by the fastest route the modules' state allows."""
+    if torch.compiler.is_compiling():
+        # Under torch.compile the plain modules are traced: the compiler fuses (and, with freezing,
+        # folds) them itself, while the fold cache's identity and version checks would break the graph.
+        out = norm(conv(x))
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if relu else out
     if _foldable(conv, norm):
         weight, bias = cache.folded(conv, norm, _compute_dtype(x, conv.weight))
         return ops.conv_bias_act(
