@@ -143,3 +143,17 @@ def test_custom_downsample_is_called_as_is():
     with torch.no_grad():
         block(torch.randn(1, 8, 6, 6))
     assert calls == [1]
+
+
+def test_cache_filled_under_inference_mode_serves_autograd_later():
+    _, m = model_pair("resnet18", num_classes=3)
+    resnet_fast.freeze(m)  # frozen BN stays in eval: its folds are cached, then reused with grad enabled
+    m.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        expected = m(x)
+    m.train()
+    x.requires_grad_(True)
+    out = m(x)
+    out.sum().backward()
+    assert rel_err(out, expected) <= 1e-5 and x.grad is not None and x.grad.abs().sum() > 0

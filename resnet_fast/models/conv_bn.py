@@ -59,7 +59,9 @@ class FoldCache:
         stamp = tuple(_stamp(t) for t in (*sources, bn.num_batches_tracked)) + (bn.eps, dtype)
         entry = self._entries.get(id(conv))
         if entry is None or entry[0] != stamp:
-            with torch.no_grad():
+            # Normal tensors even when first folded under inference_mode: a later autograd forward
+            # (frozen layers, input gradients) must be able to save them for backward.
+            with torch.inference_mode(False), torch.no_grad():
                 entry = (stamp, *self._fold(conv, bn, dtype))
             self._entries[id(conv)] = entry
         return entry[1], entry[2]
