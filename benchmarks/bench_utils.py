@@ -30,6 +30,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from resnet_fast.testing import parity_tolerance, relative_error
+
 DEFAULT_MAX_TIME = 0.3  # seconds of timed rounds per benchmark unless --benchmark-max-time is given
 TARGET_ROUND_S = 0.02  # a timed round lasts about this long (amortises the clock's sync)
 MAX_ITERATIONS = 1000
@@ -159,21 +161,8 @@ def measure(benchmark, step: Callable[[], object], *, device, work: Work | None 
 # ---------------------------------------------------------------------------------------------- parity
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; NaN or Inf anywhere in out gives inf."""
-    out64, ref64 = out.detach().double(), ref.detach().double().to(out.device)
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
-
-
-FLOOR = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 1e-6, torch.float64: 1e-12}
-
-
-def tolerance(dtype: torch.dtype, torch_err: float) -> float:
-    """The project's parity rule: at most 2x PyTorch's own same-dtype error against float64, with a
-    floor of one unit of the format's precision (for results PyTorch gets exactly)."""
-    return max(2.0 * torch_err, FLOOR.get(dtype, 1e-6))
+rel_err = relative_error
+tolerance = parity_tolerance
 
 
 def check_parity(info: dict, name: str, out: torch.Tensor, same_dtype: torch.Tensor, ref64: torch.Tensor,

@@ -16,32 +16,13 @@ import time
 
 import torch
 import torchvision
-from torch import nn
 
 import resnet_fast
 from resnet_fast import backends
 from resnet_fast.models.resnet import ARCHS
+from resnet_fast.testing import parity_tolerance, randomize_batch_norm, relative_error
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def randomize_batch_norm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Gives every BatchNorm non-trivial statistics and affine parameters, so a folding bug shows."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is not None:
-                    m.running_mean.normal_(0.0, 0.2, generator=generator)
-                    m.running_var.uniform_(0.5, 2.0, generator=generator)
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5, generator=generator)
-                    m.bias.normal_(0.0, 0.2, generator=generator)
-    return model
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _median_ms(fn, x: torch.Tensor, warmup: int, iters: int) -> float:
@@ -104,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     xp = x[: parity_batch.shape[0]]
     with torch.no_grad():
         err = {k: relative_error(m(xp), ref64) for k, m in models.items()}
-        limit = 1e-4 if dtype == torch.float32 and device.type == "cpu" else max(2 * err["torchvision"], 1e-5)
+        limit = parity_tolerance(dtype, err["torchvision"])
         ok = err["resnet_fast"] <= limit
         timings = {k: _median_ms(m, x, warmup=3 if device.type == "cpu" else 10, iters=args.iters)
                    for k, m in models.items()}

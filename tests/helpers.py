@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import resnet_fast
-from resnet_fast.report import randomize_batch_norm
+from resnet_fast.testing import randomize_batch_norm
 
 
 def model_pair(arch: str, **kwargs):

@@ -30,6 +30,7 @@ from resnet_fast import backends
 from resnet_fast.backends import BackendUnavailable
 from resnet_fast.backends import cuda_backend as cb
 from resnet_fast.ops import reference
+from resnet_fast.testing import PRECISION_FLOOR
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
 
@@ -460,16 +461,6 @@ def test_mirror_torch_compile_fullgraph(cpu_mirror, with_grad):
 
 # ================================================================================================
 # GPU: the real kernels.
-_FLOOR = {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def _tol(dtype, torch_same, ref64) -> float:
-    """2x torch's own same-dtype error against float64, with a floor of one unit of the format."""
-    if dtype == torch.float32:
-        return max(2 * rel_err(torch_same, ref64), _FLOOR[dtype])
-    return lowp_tolerance(dtype, torch_same, ref64)
-
-
 @pytest.fixture
 def cuda_lib():
     cb.load_library()  # on a GPU machine an unavailable library is a failure, not a skip
@@ -579,10 +570,10 @@ def test_gpu_bn_act_parity(cuda_lib, dtype, layout, shape, training, res_relu):
     assert out.dtype == dtype and out.shape == x.shape
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
-    assert rel_err(out, ref[0]) <= _tol(dtype, same[0], ref[0])
+    assert rel_err(out, ref[0]) <= lowp_tolerance(dtype, same[0], ref[0])
     for name, a, s, r in zip(["x", "weight", "bias", "residual"], mine[1], same[1], ref[1]):
         assert a.dtype == s.dtype and a.shape == s.shape, name
-        assert rel_err(a, r) <= _tol(a.dtype if a.dtype != torch.float32 else dtype, s, r), name
+        assert rel_err(a, r) <= lowp_tolerance(a.dtype if a.dtype != torch.float32 else dtype, s, r), name
     for a, s, r in zip(mine[2:], same[2:], ref[2:]):  # running statistics (float32)
         assert rel_err(a, r) <= max(2 * rel_err(s, r), 1e-5)
 
@@ -882,7 +873,7 @@ def test_emulated_bn_act_kernels(emu, dtype, layout, shape, training, res_relu):
     leaves64 = [_f64(t).requires_grad_() for t in (x, w, b)] + ([_f64(res).requires_grad_()] if residual else [])
     ref = reference.batch_norm_act(leaves64[0], leaves64[1], leaves64[2], rm64, rv64, training, 0.1, 1e-5,
                                    leaves64[3] if residual else None, relu)
-    out_tol = {torch.float32: 1e-5, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    out_tol = PRECISION_FLOOR[dtype]
     assert rel_err(out, ref) <= out_tol
     assert rel_err(rm, rm64) < 1e-6 and rel_err(rv, rv64) < 1e-5
     if layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import resnet_fast
-from resnet_fast.report import randomize_batch_norm
+from resnet_fast.testing import randomize_batch_norm
 from conftest import rel_err
 from helpers import model_pair
 

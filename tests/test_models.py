@@ -10,7 +10,7 @@ from torch import nn
 
 import resnet_fast
 from resnet_fast.models.resnet import ARCHS
-from resnet_fast.report import randomize_batch_norm
+from resnet_fast.testing import randomize_batch_norm
 from conftest import lowp_tolerance, rel_err
 from helpers import float64_copy, model_pair
 
