@@ -5,7 +5,6 @@ from __future__ import annotations
 import torchvision.models.resnet as tv
 from torch import nn
 
-from resnet_fast.models.conv_bn import FoldCache
 from resnet_fast.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ["convert"]
@@ -26,7 +25,6 @@ def convert(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if type(m) in _CLASSES:
             m.__class__ = _CLASSES[type(m)]
-            m._fold_cache = FoldCache()
         elif type(m) is tv.ResNet:
             m.__class__ = ResNet
             stages = [n for n, _ in m.named_children() if n.startswith("layer")]

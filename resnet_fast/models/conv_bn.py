@@ -74,6 +74,14 @@ class FoldCache:
         return weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype)
 
 
+def fold_cache(module: nn.Module) -> FoldCache:
+    """The module's FoldCache, created on first use (so converted torchvision modules get one too)."""
+    cache = module.__dict__.get("_fold_cache")
+    if cache is None:
+        cache = module.__dict__["_fold_cache"] = FoldCache()
+    return cache
+
+
 def _plain_batch_norm(norm: nn.Module) -> bool:
     """A BatchNorm2d whose forward is torch's own (so its semantics are known and can be fused)."""
     return isinstance(norm, nn.BatchNorm2d) and type(norm).forward is nn.BatchNorm2d.forward

@@ -16,7 +16,7 @@ import torchvision.models.resnet as tv
 from torch import nn
 
 from resnet_fast import ops
-from resnet_fast.models.conv_bn import FoldCache, conv_bn_act, downsample
+from resnet_fast.models.conv_bn import conv_bn_act, downsample, fold_cache
 
 __all__ = [
     "BasicBlock",
@@ -37,55 +37,26 @@ __all__ = [
 STEMS = ("imagenet", "cifar")
 
 
-def _block_shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x if block.downsample is None else downsample(block.downsample, x, block._fold_cache)
-
-
 class BasicBlock(tv.BasicBlock):
-    """Two 3x3 convolutions with a residual connection (torchvision's signature and attributes)."""
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Callable[..., nn.Module] | None = None,
-    ) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
-        self._fold_cache = FoldCache()
+    """Two 3x3 convolutions with a residual connection (torchvision's constructor and attributes)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = _block_shortcut(self, x)
-        out = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
-        return conv_bn_act(self.conv2, self.bn2, out, self._fold_cache, residual=identity, relu=True)
+        cache = fold_cache(self)
+        identity = x if self.downsample is None else downsample(self.downsample, x, cache)
+        out = conv_bn_act(self.conv1, self.bn1, x, cache, relu=True)
+        return conv_bn_act(self.conv2, self.bn2, out, cache, residual=identity, relu=True)
 
 
 class Bottleneck(tv.Bottleneck):
-    """1x1 reduce, 3x3 (carrying the stride: ResNet v1.5), 1x1 expand, with a residual connection."""
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Callable[..., nn.Module] | None = None,
-    ) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
-        self._fold_cache = FoldCache()
+    """1x1 reduce, 3x3 (carrying the stride: ResNet v1.5), 1x1 expand, with a residual connection
+    (torchvision's constructor and attributes)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = _block_shortcut(self, x)
-        out = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
-        out = conv_bn_act(self.conv2, self.bn2, out, self._fold_cache, relu=True)
-        return conv_bn_act(self.conv3, self.bn3, out, self._fold_cache, residual=identity, relu=True)
+        cache = fold_cache(self)
+        identity = x if self.downsample is None else downsample(self.downsample, x, cache)
+        out = conv_bn_act(self.conv1, self.bn1, x, cache, relu=True)
+        out = conv_bn_act(self.conv2, self.bn2, out, cache, relu=True)
+        return conv_bn_act(self.conv3, self.bn3, out, cache, residual=identity, relu=True)
 
 
 class ResNet(tv.ResNet):
@@ -174,7 +145,6 @@ class ResNet(tv.ResNet):
         self.stem_type = stem
         self.stage_names = [f"layer{i + 1}" for i in range(num_stages)]
         self.num_features = num_features
-        self._fold_cache = FoldCache()
 
     @property
     def in_channels(self) -> int:
@@ -210,7 +180,7 @@ class ResNet(tv.ResNet):
             # The NHWC kernels' layout, kept to the head. On CPU the input's own layout is kept: torch's
             # channels_last BatchNorm backward there gives intermittently wrong gradients (seen on 2.14.1).
             x = x.contiguous(memory_format=torch.channels_last)
-        x = conv_bn_act(self.conv1, self.bn1, x, self._fold_cache, relu=True)
+        x = conv_bn_act(self.conv1, self.bn1, x, fold_cache(self), relu=True)
         x = self.maxpool(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
