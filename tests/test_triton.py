@@ -20,6 +20,7 @@ import torch
 import resnet_fast
 from resnet_fast import backends, ops
 from resnet_fast.ops import reference
+from resnet_fast.testing import randomize_batch_norm
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
 
@@ -332,27 +333,14 @@ def test_int64_offsets_gpu():
     torch.testing.assert_close(summed[-1], torch.relu(x[-1] + r[-1]))
 
 
-def _model_factory(name: str):
-    factory = getattr(resnet_fast, name, None)
-    if factory is None:
-        pytest.skip(f"resnet_fast.{name} does not exist yet")
-    return factory
-
-
 @requires_cuda
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_model_vs_torchvision_gpu(name, dtype):
     """Eval outputs within 2x torchvision's own same-dtype error against a float64 torchvision."""
     tv_models = pytest.importorskip("torchvision.models")
-    tv = getattr(tv_models, name)().eval()
-    for m in tv.modules():  # non-trivial BN statistics, so folding is really exercised
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    model = _model_factory(name)().eval()
+    tv = randomize_batch_norm(getattr(tv_models, name)()).eval()  # so folding is really exercised
+    model = getattr(resnet_fast, name)().eval()
     model.load_state_dict(tv.state_dict())
     x = torch.randn(2, 3, 224, 224, device="cuda")
     with torch.no_grad():
@@ -371,15 +359,8 @@ def test_model_vs_torchvision_gpu(name, dtype):
 @pytest.mark.parametrize("block", ["BasicBlock", "Bottleneck"])
 def test_tiny_net_end_to_end(block):
     """A two-stage CIFAR-stem net in eval mode: triton backend (strict) against the torch backend."""
-    resnet_cls = _model_factory("ResNet")
-    net = resnet_cls(_model_factory(block), [1, 1], widths=(8, 16), stem="cifar", num_classes=10)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    net = net.eval().to(DEVICE)
+    net = resnet_fast.ResNet(getattr(resnet_fast, block), [1, 1], widths=(8, 16), stem="cifar", num_classes=10)
+    net = randomize_batch_norm(net).eval().to(DEVICE)
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
     with torch.no_grad():
         with resnet_fast.backend("torch"):
