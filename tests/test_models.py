@@ -286,3 +286,11 @@ def test_torch_compile_fullgraph_eval_and_train():
     for (name, a), (_, b) in zip(eager.named_parameters(), m.named_parameters()):
         assert rel_err(b.grad, a.grad) <= 1e-4, name
     assert torch.allclose(eager.bn1.running_mean, m.bn1.running_mean, atol=1e-6)
+
+
+def test_torch_export_matches_eager():
+    m = randomize_batch_norm(resnet_fast.resnet18(num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(m, (x,))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), m(x)) <= 1e-5
