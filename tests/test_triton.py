@@ -231,7 +231,8 @@ def test_add_relu(make, dtype, y_layout):
 
 # Compiles the real (not interpreted) kernel to a cubin for sm_90 in a process without
 # TRITON_INTERPRET: catches what the interpreter does not check (types, tl.dot shapes, register
-# allocation by ptxas) and that the configs fit shared memory with every pipeline stage.
+# allocation by ptxas), that the configs fit shared memory with every pipeline stage, and that the
+# main loop uses Hopper's wgmma without spilling.
 _HOPPER_COMPILE = r"""
 import sys
 import triton
@@ -257,6 +258,10 @@ for dtype, kh, flat, bm, bn, bk, stages, warps, precision in [
     stage_bytes = (bm + bn) * bk * int(dtype[2:]) // 8
     shared = kernel.metadata.shared
     assert (stages - 1) * stage_bytes <= shared <= 227 * 1024, (dtype, shared, stage_bytes)
+    # Hopper's warpgroup MMA fed by cp.async pipelining, and no register spills to local memory:
+    # a kernel on mma.sync or with ld.local would be on a much slower path.
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async" in ptx and "ld.local" not in ptx, (dtype, kh)
 print("ok")
 """
 
