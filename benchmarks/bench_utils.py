@@ -390,49 +390,24 @@ def backend_usable(name: str, device: torch.device) -> str | None:
 
     if name not in backends.registered_backends():
         return f"backend {name!r} is not registered"
-    b = getattr(backends, "_REGISTRY", {}).get(name)
-    if b is None:  # the registry's internals changed: fall back to the public list
-        return None if name in backends.available_backends() else f"backend {name!r} is not available"
-    try:
-        b.ops()
-    except backends.BackendUnavailable as e:
-        return str(e)
-    if not b.supports_device(device):
-        return f"backend {name!r} does not run on {device.type} tensors"
-    return None
+    return backends.unavailable_reason(name, device)
 
 
 def dispatch_census(fn: Callable[[], object]) -> dict:
-    """Runs ``fn`` once and counts, per op, which backend resnet_fast dispatched each call to
-    (after any fallback to the reference); recorded so a report can show what really ran."""
+    """Runs ``fn`` once and counts, per op, which backend really ran each call (after any fallback to
+    the reference), with the fallback warnings said during the run; recorded so a report shows what ran."""
     import warnings
 
     from resnet_fast import backends
 
-    counts: dict[str, dict[str, int]] = {}
-    orig_call = backends.call
-
-    def counting_call(op, *args, device, needs_grad, **kwargs):
-        name, _ = backends.resolve(op, device, needs_grad)
-        counts.setdefault(op, {}).setdefault(name, 0)
-        counts[op][name] += 1
-        return orig_call(op, *args, device=device, needs_grad=needs_grad, **kwargs)
-
-    warned = getattr(backends, "_warned", None)
-    saved = set(warned) if warned is not None else None
-    if warned is not None:
-        warned.clear()  # so this run's fallback warnings are said again and recorded
-    backends.call = counting_call
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        backends.call = orig_call
-        if warned is not None:
-            warned.update(saved)
+    with backends.record_dispatch() as counts, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    calls: dict[str, dict[str, int]] = {}
+    for (op, name), n in sorted(counts.items()):
+        calls.setdefault(op, {})[name] = n
     fallbacks = sorted({str(w.message) for w in caught if "reference backend" in str(w.message)})
-    return {"calls": counts, "fallbacks": fallbacks}
+    return {"calls": calls, "fallbacks": fallbacks}
 
 
 def param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -223,3 +223,25 @@ def test_autograd_calls_go_to_a_differentiable_backend_silently(fake_backend):
         warnings.simplefilter("error")
         ops.conv_bias_act(x, torch.randn(4, 4, 3, 3), padding=1).sum().backward()
     assert fake_backend == [] and x.grad is not None
+
+
+def test_record_dispatch_counts_the_backend_that_really_ran(fake_backend):
+    with resnet_fast.backend("fake"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with backends.record_dispatch() as calls:
+            _conv()  # runs on fake
+            _conv(groups=2)  # Unsupported: the reference answers
+            _conv(relu=False)  # the kernel fails: the reference answers
+            ops.add_relu(torch.randn(3), torch.randn(3))  # fake has no add_relu
+    assert calls == {("conv_bias_act", "fake"): 1, ("conv_bias_act", "torch"): 2, ("add_relu", "torch"): 1}
+    _conv()
+    assert sum(calls.values()) == 4  # nothing is counted outside the block
+
+
+def test_unavailable_reason(fake_backend):
+    assert backends.unavailable_reason("torch", torch.device("cpu")) is None
+    assert backends.unavailable_reason("fake", torch.device("cpu")) is None
+    assert "does not run on meta tensors" in backends.unavailable_reason("fake", torch.device("meta"))
+    assert "no such library" in backends.unavailable_reason("broken", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.unavailable_reason("nope", torch.device("cpu"))

@@ -23,6 +23,7 @@ A new backend is one file that calls :func:`register_backend`; models and blocks
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import importlib
@@ -40,10 +41,12 @@ __all__ = [
     "backend",
     "call",
     "get_backend",
+    "record_dispatch",
     "register_backend",
     "registered_backends",
     "resolve",
     "set_backend",
+    "unavailable_reason",
 ]
 
 AUTO = "auto"
@@ -222,26 +225,63 @@ def call(op: str, *args, device: torch.device, needs_grad: bool, **kwargs):
     """Runs ``op`` on the selected backend, falling back to the reference if its kernel fails."""
     name, fn = resolve(op, device, needs_grad)
     if name == "torch":
-        return fn(*args, **kwargs)
+        out = fn(*args, **kwargs)
+    else:
+        try:
+            out = fn(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Unsupported as e:
+            sel = _selection.get()
+            if sel.strict:
+                raise
+            if sel.name != AUTO:
+                _warn_once((name, op, str(e)), f"backend {name!r}: {e}; using the 'torch' reference backend for these calls")
+            name, out = "torch", _REGISTRY["torch"].ops()[op](*args, **kwargs)
+        except Exception as e:
+            if _selection.get().strict:
+                raise
+            _warn_once(
+                (name, op, "failed"),
+                f"backend {name!r} failed on {op!r} ({type(e).__name__}: {e}); using the 'torch' reference backend",
+            )
+            name, out = "torch", _REGISTRY["torch"].ops()[op](*args, **kwargs)
+    counts = _recording.get()
+    if counts is not None:
+        counts[(op, name)] += 1
+    return out
+
+
+_recording: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "resnet_fast_dispatch_record", default=None
+)
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[collections.Counter]:
+    """Counts the op calls made inside the block by ``(op, backend that ran it)``, fallbacks included.
+
+    ``with record_dispatch() as calls: model(x)`` then ``calls[("conv_bias_act", "triton")]``.
+    """
+    counts: collections.Counter = collections.Counter()
+    token = _recording.set(counts)
     try:
-        return fn(*args, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Unsupported as e:
-        sel = _selection.get()
-        if sel.strict:
-            raise
-        if sel.name != AUTO:
-            _warn_once((name, op, str(e)), f"backend {name!r}: {e}; using the 'torch' reference backend for these calls")
-        return _REGISTRY["torch"].ops()[op](*args, **kwargs)
-    except Exception as e:
-        if _selection.get().strict:
-            raise
-        _warn_once(
-            (name, op, "failed"),
-            f"backend {name!r} failed on {op!r} ({type(e).__name__}: {e}); using the 'torch' reference backend",
-        )
-        return _REGISTRY["torch"].ops()[op](*args, **kwargs)
+        yield counts
+    finally:
+        _recording.reset(token)
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` loads and runs on ``device``; otherwise why not."""
+    _check_name(name)
+    b = _REGISTRY[name]
+    try:
+        b.ops()
+    except BackendUnavailable as e:
+        return str(e)
+    if not b.supports_device(device):
+        return f"backend {name!r} does not run on {device.type} tensors"
+    return None
 
 
 def _register_builtin() -> None:
