@@ -1,4 +1,6 @@
 """The functional ops: reference semantics, fold_bn, validation errors, and the backend registry."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -245,3 +247,26 @@ def test_unavailable_reason(fake_backend):
     assert "no such library" in backends.unavailable_reason("broken", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown backend"):
         backends.unavailable_reason("nope", torch.device("cpu"))
+
+
+_WITHOUT_TRITON = r"""
+import sys, warnings
+sys.modules["triton"] = None  # as if Triton were not installed: `import triton` raises ImportError
+import torch, resnet_fast
+assert "triton" in resnet_fast.backends.registered_backends()
+assert "triton" not in resnet_fast.available_backends()
+x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with resnet_fast.backend("triton"):
+        out = [resnet_fast.ops.conv_bias_act(x, w, padding=1) for _ in range(3)]
+said = [str(c.message) for c in caught if "triton" in str(c.message)]
+assert len(said) == 1 and "triton is not installed" in said[0], said
+assert torch.allclose(out[0], torch.nn.functional.conv2d(x, w, padding=1).relu(), atol=1e-6)
+print("ok")
+"""
+
+
+def test_works_without_triton_and_says_so_once():
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
