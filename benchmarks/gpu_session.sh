@@ -10,7 +10,7 @@
 #
 # Each phase runs under `timeout $PHASE_TIMEOUT` (default 270 s), so a call that may last at most
 # 10 minutes still returns its logs. The first forward of each conv shape compiles and autotunes the
-# Triton kernel; set TRITON_CACHE_DIR to a kept folder to reuse compiled kernels across calls.
+# Triton kernel; RESNET_FAST_AUTOTUNE=0 uses one fixed config instead (quicker, for a tests-only call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}

@@ -247,6 +247,7 @@ for dtype, kh, flat, bm, bn, bk, stages, warps, precision in [
     ("fp16", 3, False, 128, 128, 64, 4, 8, "ieee"),  # a 3x3 body conv, residual epilogue
     ("bf16", 7, True, 64, 64, 64, 5, 4, "ieee"),  # the 7x7 stem on 3 channels (flattened K)
     ("fp32", 1, False, 64, 64, 32, 3, 4, "tf32"),
+    ("fp32", 3, False, 128, 64, 32, 3, 4, "ieee"),  # the fixed config of RESNET_FAST_AUTOTUNE=0
 ]:
     # The NHWC fast path: unit channel strides and 16-divisible sizes, as Triton specialises them.
     const = dict(KH=kh, KW=kh, RELU=True, PRECISION=precision, UPCAST=False, FLAT_K=flat, HAS_BIAS=True,

@@ -42,6 +42,10 @@ _GPU_CONFIGS = [
 ]
 # Under the interpreter each program costs milliseconds: large tiles, one fixed config.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)
+# RESNET_FAST_AUTOTUNE=0: one config that fits shared memory in every dtype, instead of compiling and
+# timing each candidate on the first call per shape (quick first calls, e.g. for correctness tests).
+_AUTOTUNE = os.environ.get("RESNET_FAST_AUTOTUNE", "1") != "0"
+_FIXED_GPU_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
 _SHARED_MEMORY = 227 * 1024  # per block on Hopper (H100, H200)
 
 
@@ -174,7 +178,7 @@ def _conv_bias_act_kernel(
 
 _kernel = (
     _conv_bias_act_kernel
-    if _INTERPRET
+    if _INTERPRET or not _AUTOTUNE
     else triton.autotune(
         _GPU_CONFIGS,
         key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w"],
@@ -184,10 +188,12 @@ _kernel = (
 
 
 def _launch(grid_for: Callable[[dict], tuple[int]], *args, **kwargs) -> None:
-    """Launches the kernel: autotuned on a GPU, with the fixed interpreter config otherwise."""
-    if _INTERPRET:
-        cfg = _INTERPRETER_CONFIG
-        _kernel[grid_for(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps)
+    """Launches the kernel: autotuned on a GPU unless RESNET_FAST_AUTOTUNE=0, else with a fixed config."""
+    if _INTERPRET or not _AUTOTUNE:
+        cfg = _INTERPRETER_CONFIG if _INTERPRET else _FIXED_GPU_CONFIG
+        _kernel[grid_for(cfg.kwargs)](
+            *args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
     else:
         _kernel[grid_for](*args, **kwargs)
 
