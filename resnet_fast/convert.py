@@ -28,5 +28,5 @@ def convert(module: nn.Module) -> nn.Module:
         elif type(m) is tv.ResNet:
             m.__class__ = ResNet
             stages = [n for n, _ in m.named_children() if n.startswith("layer")]
-            m._init_runtime_state("imagenet", len(stages), m.fc.in_features)
+            m._init_runtime_state(len(stages), m.fc.in_features)
     return module

@@ -125,7 +125,7 @@ class ResNet(tv.ResNet):
             setattr(self, f"layer{i + 1}", stage)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
-        self._init_runtime_state(stem, len(layers), widths[-1] * block.expansion)
+        self._init_runtime_state(len(layers), widths[-1] * block.expansion)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -140,9 +140,8 @@ class ResNet(tv.ResNet):
                 elif isinstance(m, tv.BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
 
-    def _init_runtime_state(self, stem: str, num_stages: int, num_features: int) -> None:
+    def _init_runtime_state(self, num_stages: int, num_features: int) -> None:
         """Attributes torchvision's ResNet lacks; ``convert`` calls this on converted instances."""
-        self.stem_type = stem
         self.stage_names = [f"layer{i + 1}" for i in range(num_stages)]
         self.num_features = num_features
 
