@@ -27,6 +27,5 @@ def convert(module: nn.Module) -> nn.Module:
             m.__class__ = _CLASSES[type(m)]
         elif type(m) is tv.ResNet:
             m.__class__ = ResNet
-            stages = [n for n, _ in m.named_children() if n.startswith("layer")]
-            m._init_runtime_state(len(stages), m.fc.in_features)
+            m._init_runtime_state()
     return module

@@ -65,3 +65,13 @@ def test_convert_leaves_subclasses_and_other_modules_alone():
     assert type(seq[0]) is MyBlock and type(seq[1]) is nn.Conv2d
     fast = resnet_fast.resnet18()
     assert resnet_fast.convert(fast) is fast and type(fast) is resnet_fast.ResNet
+
+
+def test_convert_a_backbone_whose_head_was_replaced():
+    tv = randomize_batch_norm(torchvision.models.resnet50()).eval()
+    tv.fc = nn.Identity()  # a common feature-extractor setup
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = tv(x)
+        resnet_fast.convert(tv)
+        assert tv.num_features == 2048 and rel_err(tv(x), expected) <= 1e-5

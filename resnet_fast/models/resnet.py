@@ -125,7 +125,7 @@ class ResNet(tv.ResNet):
             setattr(self, f"layer{i + 1}", stage)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
-        self._init_runtime_state(len(layers), widths[-1] * block.expansion)
+        self._init_runtime_state()
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -140,10 +140,11 @@ class ResNet(tv.ResNet):
                 elif isinstance(m, tv.BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
 
-    def _init_runtime_state(self, num_stages: int, num_features: int) -> None:
-        """Attributes torchvision's ResNet lacks; ``convert`` calls this on converted instances."""
-        self.stage_names = [f"layer{i + 1}" for i in range(num_stages)]
-        self.num_features = num_features
+    def _init_runtime_state(self) -> None:
+        """Attributes torchvision's ResNet lacks, read off the modules (``convert`` calls this too)."""
+        self.stage_names = [name for name, _ in self.named_children() if name.startswith("layer")]
+        last = getattr(self, self.stage_names[-1])[-1]
+        self.num_features = getattr(last, "conv3", last.conv2).out_channels
 
     @property
     def in_channels(self) -> int:
