@@ -412,27 +412,11 @@ void launch_bn_apply(const T* x, const T* res, T* out, const BnGeometry& g, bool
   constexpr int VN = vec_elems<T>();
   const int64_t numel = g.M * g.C;
   const int64_t C = g.C, HW = g.HW;
-  if (g.nhwc) {
-    if (vectorized) {
-      const auto kernel = &bn_apply_kernel<T, VN, true>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
-          relu);
-    } else {
-      const auto kernel = &bn_apply_kernel<T, 1, true>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
-          relu);
-    }
-  } else {
-    if (vectorized) {
-      const auto kernel = &bn_apply_kernel<T, VN, false>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
-          relu);
-    } else {
-      const auto kernel = &bn_apply_kernel<T, 1, false>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
-          relu);
-    }
-  }
+  with_pack_and_layout<VN>(vectorized, g.nhwc, [&](auto pack, auto nhwc) {
+    const auto kernel = &bn_apply_kernel<T, decltype(pack)::value, decltype(nhwc)::value>;
+    RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, x, res, out, numel, C, HW, mean, invstd, weight, bias,
+        relu);
+  });
 }
 
 template <typename T>
@@ -465,27 +449,11 @@ void launch_bn_bwd_elemt(const T* dy, const T* x, const T* out, T* grad_x, T* gr
   constexpr int VN = vec_elems<T>();
   const int64_t numel = g.M * g.C;
   const int64_t C = g.C, HW = g.HW;
-  if (g.nhwc) {
-    if (vectorized) {
-      const auto kernel = &bn_bwd_elemt_kernel<T, VN, true>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
-          coef_b, coef_c, relu);
-    } else {
-      const auto kernel = &bn_bwd_elemt_kernel<T, 1, true>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
-          coef_b, coef_c, relu);
-    }
-  } else {
-    if (vectorized) {
-      const auto kernel = &bn_bwd_elemt_kernel<T, VN, false>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
-          coef_b, coef_c, relu);
-    } else {
-      const auto kernel = &bn_bwd_elemt_kernel<T, 1, false>;
-      RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
-          coef_b, coef_c, relu);
-    }
-  }
+  with_pack_and_layout<VN>(vectorized, g.nhwc, [&](auto pack, auto nhwc) {
+    const auto kernel = &bn_bwd_elemt_kernel<T, decltype(pack)::value, decltype(nhwc)::value>;
+    RF_LAUNCH(kernel, blocks, kElementwiseThreads, stream, dy, x, out, grad_x, grad_res, numel, C, HW, mean, coef_a,
+        coef_b, coef_c, relu);
+  });
 }
 
 #define RF_INSTANTIATE_BN(T)                                                                                        \

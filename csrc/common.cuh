@@ -16,10 +16,25 @@
 #endif
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.h"
 
 namespace resnet_fast {
+
+// Calls f(std::integral_constant<int, V>{}, std::bool_constant<NHWC>{}) with V = VN for 16-byte packs or
+// 1 for scalars, and the layout: one launch statement serves the four instantiations of an
+// elementwise kernel template<typename T, int V, bool NHWC>.
+template <int VN, typename F>
+inline void with_pack_and_layout(bool vectorized, bool nhwc, F&& f) {
+  if (nhwc) {
+    if (vectorized) f(std::integral_constant<int, VN>{}, std::true_type{});
+    else f(std::integral_constant<int, 1>{}, std::true_type{});
+  } else {
+    if (vectorized) f(std::integral_constant<int, VN>{}, std::false_type{});
+    else f(std::integral_constant<int, 1>{}, std::false_type{});
+  }
+}
 
 // All arithmetic is fp32; c10::Half / c10::BFloat16 convert with round-to-nearest-even.
 template <typename T>
