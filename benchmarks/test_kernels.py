@@ -175,6 +175,24 @@ def _backward_step(g: _Graphs):
     return step
 
 
+def _time_op(op, sets: list, grad_inputs, direction: str, measure, work: bu.Work) -> _Graphs | None:
+    """Times ``op`` over the rotating input ``sets``: the forward under no_grad, or the backward of one
+    forward per set built outside the timed region (returned, for the parity check of its gradients)."""
+    if direction == "fwd":
+        rot = bu.Rotation(sets)
+
+        def step():
+            with torch.no_grad():
+                return op(*rot.next())
+
+        _run_or_skip(lambda: measure(step, device=DEVICE, work=work))
+        return None
+    outs = [_run_or_skip(lambda: op(*args)) for args in sets]
+    g = _Graphs(outs, [grad_inputs(args) for args in sets], [torch.randn_like(o) for o in outs])
+    measure(_backward_step(g), device=DEVICE, work=work)
+    return g
+
+
 def _add_relu_params():
     params = []
     for shape in ADD_RELU_SHAPES:
@@ -208,20 +226,8 @@ def test_add_relu(shape, direction, impl, measure, benchmark):
         ctx = _rf_ctx(impl[3:])
 
     def run():
-        if direction == "fwd":
-            rot = bu.Rotation(sets)
-
-            def step():
-                with torch.no_grad():
-                    return op(*rot.next())
-
-            _run_or_skip(lambda: measure(step, device=DEVICE, work=bu.Work(bytes=3 * numel * 2)))
-            return None
-        outs = [_run_or_skip(lambda: op(x, y)) for x, y in sets]
-        g = _Graphs(outs, list(sets), [torch.randn_like(o) for o in outs])
-        # read grad, read out, write grad
-        measure(_backward_step(g), device=DEVICE, work=bu.Work(bytes=3 * numel * 2))
-        return g
+        # forward: read x and y, write out; backward: read grad and out, write grad
+        return _time_op(op, sets, tuple, direction, measure, bu.Work(bytes=3 * numel * 2))
 
     if ctx is None:
         run()
@@ -307,20 +313,11 @@ def test_batch_norm_act(site, direction, impl, measure, benchmark):
         work = bu.Work(bytes=io * (5 if residual else 4))
 
     def run():
-        if direction == "fwd":
-            rot = bu.Rotation(sets)
+        def grad_inputs(args):
+            x, r = args
+            return tuple(t for t in (x, weight, bias, r) if t is not None)
 
-            def step():
-                with torch.no_grad():
-                    return op(*rot.next())
-
-            _run_or_skip(lambda: measure(step, device=DEVICE, work=work))
-            return None
-        outs = [_run_or_skip(lambda: op(x, r)) for x, r in sets]
-        inputs = [tuple(t for t in (x, weight, bias, r) if t is not None) for x, r in sets]
-        g = _Graphs(outs, inputs, [torch.randn_like(o) for o in outs])
-        measure(_backward_step(g), device=DEVICE, work=work)
-        return g
+        return _time_op(op, sets, grad_inputs, direction, measure, work)
 
     if ctx is None:
         run()
