@@ -167,6 +167,15 @@ def models_section(data: dict) -> str:
     return "\n".join(out)
 
 
+def _impl_cells(impls: dict, present: list, rate_key: str, rate_fmt) -> list[str]:
+    """One "ms (rate)" cell per implementation column; "–" where it did not run."""
+    cells = []
+    for c in present:
+        e = impls[c]["extra_info"] if c in impls else None
+        cells.append(f"{e['median_ms']:.3f} ({rate_fmt(e.get(rate_key))})" if e else "–")
+    return cells
+
+
 def _kernel_groups(benches, op):
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for b in benches:
@@ -187,13 +196,7 @@ def kernels_section(data: dict) -> str:
                   "rf / cuDNN+epilogue", "rf / cuDNN conv alone"]
         rows = []
         for (shape, _), impls in conv.items():
-            cells = [shape]
-            for c in present:
-                if c in impls:
-                    e = impls[c]["extra_info"]
-                    cells.append(f"{e['median_ms']:.3f} ({_fmt(e.get('tflops'))})")
-                else:
-                    cells.append("–")
+            cells = [shape, *_impl_cells(impls, present, "tflops", _fmt)]
             rf = [impls[c]["extra_info"]["median_ms"] for c in ("rf-triton", "rf-cuda") if c in impls]
             best = min(rf) if rf else None
             seq = impls.get("cudnn-conv+bn+act", {}).get("extra_info", {}).get("median_ms")
@@ -213,13 +216,7 @@ def kernels_section(data: dict) -> str:
         header = ["shape (batch 256, bf16)", "direction", *[f"{c} ms (GB/s)" for c in present], "best rf / eager"]
         rows = []
         for (shape, direction), impls in groups.items():
-            cells = [shape, direction]
-            for c in present:
-                if c in impls:
-                    e = impls[c]["extra_info"]
-                    cells.append(f"{e['median_ms']:.3f} ({_fmt_int(e.get('gb_per_s'))})")
-                else:
-                    cells.append("–")
+            cells = [shape, direction, *_impl_cells(impls, present, "gb_per_s", _fmt_int)]
             rf = [impls[c]["extra_info"]["median_ms"] for c in ("rf-cuda", "rf-triton") if c in impls]
             eager = impls.get("eager", {}).get("extra_info", {}).get("median_ms")
             cells.append(f"{eager / min(rf):.2f}x" if rf and eager else "–")

@@ -151,15 +151,18 @@ def _autocast(cfg: Cfg, device: torch.device):
 # ------------------------------------------------------------------------------------------- eval
 
 
-def _bench_eval(cfg: Cfg, measure, benchmark) -> None:
+def _setup(cfg: Cfg, benchmark, **details):
+    """(device, dtype, image size, reference weights, extra_info) of a model benchmark, its info filled in."""
     device = torch.device(cfg.device)
-    dtype = bu.DTYPES[cfg.dtype]
-    size = bu.image_size(cfg.arch)
-    state = bu.reference_state(cfg.arch, device)
     info = benchmark.extra_info
     info.update(kind="model", arch=cfg.arch, mode=cfg.mode, batch=cfg.batch, dtype=cfg.dtype, impl=cfg.impl,
-                graph=cfg.graph, memory_format="channels_last", device=str(device))
+                memory_format="channels_last", device=str(device), **details)
     benchmark.group = cfg.group
+    return device, bu.DTYPES[cfg.dtype], bu.image_size(cfg.arch), bu.reference_state(cfg.arch, device), info
+
+
+def _bench_eval(cfg: Cfg, measure, benchmark) -> None:
+    device, dtype, size, state, info = _setup(cfg, benchmark, graph=cfg.graph)
 
     model = _build(cfg, device, state)
     per_set = cfg.batch * 3 * size * size * dtype.itemsize
@@ -259,15 +262,8 @@ def _check_grads(cfg: Cfg, device, state, info) -> None:
 
 
 def _bench_train(cfg: Cfg, measure, benchmark) -> None:
-    device = torch.device(cfg.device)
-    dtype = bu.DTYPES[cfg.dtype]
-    size = bu.image_size(cfg.arch)
-    state = bu.reference_state(cfg.arch, device)
-    info = benchmark.extra_info
-    info.update(kind="model", arch=cfg.arch, mode=cfg.mode, batch=cfg.batch, dtype=cfg.dtype, impl=cfg.impl,
-                graph=False, memory_format="channels_last", device=str(device),
-                precision="autocast" if dtype != torch.float32 else "fp32")
-    benchmark.group = cfg.group
+    precision = "fp32" if cfg.dtype == "fp32" else "autocast"
+    device, dtype, size, state, info = _setup(cfg, benchmark, graph=False, precision=precision)
 
     with _backend_ctx(cfg, device):
         if cfg.impl != "compile":
