@@ -1,9 +1,10 @@
 """Kernel benchmarks at ResNet-50's real shapes: batch 256, 224x224 images, bf16, channels_last.
 
-* ``test_conv``: every distinct (conv shape, epilogue) of ResNet-50 -- ``resnet_fast.ops.conv_bias_act``
-  on the "triton" (and "cuda", where it implements the op) backend, strict, so the kernel really runs
-  -- against cuDNN's conv alone (``F.conv2d``) and against what eager torchvision runs in eval mode:
-  cuDNN conv, then separate BatchNorm, residual add and ReLU kernels. Epilogues: ``relu`` (conv1/conv2
+* ``test_conv``: every distinct (conv shape, epilogue) of ResNet-50 -- ``resnet_fast.ops.conv_bn_act``
+  (the eval-mode BatchNorm applied in the epilogue from its live tensors) on the "triton" (and "cuda",
+  where it implements the op) backend, strict, so the kernel really runs -- against cuDNN's conv alone
+  (``F.conv2d``) and against what eager torchvision runs in eval mode: cuDNN conv, then separate
+  BatchNorm, residual add and ReLU kernels. Epilogues: ``relu`` (conv1/conv2
   of a block, the stem), ``none`` (the downsample shortcut: BN only), ``add_relu`` (conv3 + BN +
   residual + ReLU).
 * ``test_add_relu``: ``ops.add_relu`` against ``torch.relu(x + y)`` at the four block-output shapes,
@@ -95,13 +96,18 @@ def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
     x_bytes = BATCH * s.c_in * s.h * s.h * 2
     out_bytes = BATCH * s.c_out * ho * ho * 2
     w = _cl((s.c_out, s.c_in, s.k, s.k)) * (2.0 / (s.c_in * s.k * s.k)) ** 0.5
-    bias = torch.randn(s.c_out, device=DEVICE, dtype=DTYPE) * 0.1
+    # An eval-mode BatchNorm's live tensors, float32 as under autocast: the fused kernel applies them in
+    # its epilogue; eager torchvision runs them as a separate batch_norm pass.
+    gamma = 1 + 0.1 * torch.randn(s.c_out, device=DEVICE)
+    beta = 0.1 * torch.randn(s.c_out, device=DEVICE)
+    mean = 0.1 * torch.randn(s.c_out, device=DEVICE)
+    var = 1 + 0.1 * torch.rand(s.c_out, device=DEVICE)
     per_set = x_bytes + (out_bytes if residual else 0)
     sets = [(_cl((BATCH, s.c_in, s.h, s.h)), _cl((BATCH, s.c_out, ho, ho)) if residual else None)
             for _ in range(bu.n_buffers(per_set))]
     rot = bu.Rotation(sets)
     flops = s.flops(BATCH)
-    fused_bytes = x_bytes + w.numel() * 2 + out_bytes * (2 if residual else 1) + s.c_out * 2
+    fused_bytes = x_bytes + w.numel() * 2 + out_bytes * (2 if residual else 1) + s.c_out * 16
 
     if impl.startswith("rf-"):
         from resnet_fast import ops
@@ -109,7 +115,8 @@ def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
         with _rf_ctx(impl[3:]):
             def step():
                 x, r = rot.next()
-                return ops.conv_bias_act(x, w, bias, stride=s.stride, padding=s.pad, residual=r, relu=relu)
+                return ops.conv_bn_act(x, w, None, gamma, beta, mean, var, stride=s.stride, padding=s.pad,
+                                       residual=r, relu=relu)
 
             _run_or_skip(lambda: measure(step, device=DEVICE, work=bu.Work(flops=flops, bytes=fused_bytes)))
             rot.i = 0
@@ -118,13 +125,14 @@ def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
         x, r = sets[0]
         xk, rk = x[:PARITY_ROWS], (r[:PARITY_ROWS] if r is not None else None)
 
-        def ref(xx, ww, bb, rr):
-            o = F.conv2d(xx, ww, bb, s.stride, s.pad)
+        def ref(xx, ww, rr, cast):
+            o = F.conv2d(xx, ww, None, s.stride, s.pad)
+            o = F.batch_norm(o, *(cast(t) for t in (mean, var, gamma, beta)), False, 0.0, 1e-5)
             o = o + rr if rr is not None else o
             return torch.relu(o) if relu else o
 
-        ref64 = ref(xk.double(), w.double(), bias.double(), rk.double() if rk is not None else None)
-        same = ref(xk, w, bias, rk)
+        ref64 = ref(xk.double(), w.double(), rk.double() if rk is not None else None, torch.Tensor.double)
+        same = ref(xk, w, rk, lambda t: t)
         bu.check_parity(benchmark.extra_info, "out", out[:PARITY_ROWS], same, ref64, DTYPE)
     elif impl == "cudnn-conv":
         def step():
@@ -132,11 +140,6 @@ def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
 
         measure(step, device=DEVICE, work=bu.Work(flops=flops, bytes=x_bytes + w.numel() * 2 + out_bytes))
     else:  # what eager torchvision runs in eval mode
-        gamma = 1 + 0.1 * torch.randn(s.c_out, device=DEVICE, dtype=DTYPE)
-        beta = 0.1 * torch.randn(s.c_out, device=DEVICE, dtype=DTYPE)
-        mean = 0.1 * torch.randn(s.c_out, device=DEVICE, dtype=DTYPE)
-        var = 1 + 0.1 * torch.rand(s.c_out, device=DEVICE, dtype=DTYPE)
-
         def step():
             x, r = rot.next()
             o = F.batch_norm(F.conv2d(x, w, None, s.stride, s.pad), mean, var, gamma, beta, False, 0.0, 1e-5)

@@ -133,10 +133,10 @@ def _backend_ctx(cfg: Cfg, device: torch.device):
         pytest.skip(f"resnet_fast backend {name!r} unavailable here: {reason}")
     if name != "torch":
         # the fused ops this mode's forward calls; a backend serving none of them would only re-measure rf-torch
-        ops = ("conv_bias_act",) if cfg.mode == "eval" else ("batch_norm_act", "add_relu")
+        ops = ("conv_bn_act",) if cfg.mode == "eval" else ("batch_norm_act", "batch_norm_act_backward")
         with resnet_fast.backend(name), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            served = [op for op in ops if backends.resolve(op, device, needs_grad=cfg.mode == "train")[0] == name]
+            served = [op for op in ops if backends.resolve(op, device)[0] == name]
         if not served:
             pytest.skip(f"resnet_fast backend {name!r} serves none of {ops} in {cfg.mode} mode (they would run on "
                         "the reference): the rf-torch row measures that path")

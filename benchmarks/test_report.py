@@ -90,7 +90,7 @@ def test_report_tables_from_constructed_json(tmp_path: Path):
         _bench({**model, "impl": "eager", "img_per_s": 100.0, "parity": {"logits": {"err": 1, "tol": 2}}}, 2.56),
         _bench({**model, "impl": "compile", "img_per_s": 200.0, "compile_s": 30.0, "compile_mode": "default"}, 1.28),
         _bench({**model, "impl": "rf-triton", "img_per_s": 400.0,
-                "dispatch": {"calls": {"conv_bias_act": {"triton": 53}}, "fallbacks": []}}, 0.64),
+                "dispatch": {"calls": {"conv_bn_act": {"triton": 53}}, "fallbacks": []}}, 0.64),
         _bench({**model, "batch": 1, "impl": "rf-triton", "graph": True, "img_per_s": 50.0, "capture_s": 0.1}, 0.02),
         _bench(dict(kind="kernel", op="conv", shape="3x3s1-64to64-56px-relu-x3", impl="rf-triton",
                     median_ms=1.0, tflops=10.0), 1e-3),
@@ -109,7 +109,7 @@ def test_report_tables_from_constructed_json(tmp_path: Path):
     assert "| resnet50 | eval | 256 | bf16 | 100 | 200 | 400 |" in text
     assert "4.00x | 2.00x |" in text  # best rf over eager, over compile
     assert "rf-triton+graph" in text and "compile 30.0 s (default)" in text
-    assert "conv_bias_act: triton 53" in text
+    assert "conv_bn_act: triton 53" in text
     assert "| 3x3s1-64to64-56px-relu-x3 | 1.000 (10) | 2.000 (5) | 2.00x | – |" in text
     assert "| 256ch56px | fwd | 1.500 (200) | 3.000 (100) | 2.00x |" in text
 

@@ -1,5 +1,5 @@
 // Tensor-level host code of the resnet_fast CUDA kernels and their registration as torch operators
-// (torch.ops.resnet_fast.*). Kernels and their launchers: add_relu.cu, batch_norm_act.cu (kernels.h).
+// (torch.ops.resnet_fast_cuda.*). Kernels and their launchers: add_relu.cu, batch_norm_act.cu (kernels.h).
 //
 // Schemas are the contract shared with the Python side (resnet_fast/backends/cuda_backend.py), which
 // adds the fake (meta) implementations used by torch.compile and the autograd formulas.
@@ -36,7 +36,7 @@
 #include <Python.h>
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                          "resnet_fast CUDA kernels (torch.ops.resnet_fast)", -1, nullptr};
+                                          "resnet_fast CUDA kernels (torch.ops.resnet_fast_cuda)", -1, nullptr};
   return PyModule_Create(&module_def);
 }
 #endif
@@ -385,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
 }  // namespace
 }  // namespace resnet_fast
 
-TORCH_LIBRARY(resnet_fast, m) {
+TORCH_LIBRARY(resnet_fast_cuda, m) {
   m.def("add_relu(Tensor x, Tensor y) -> Tensor");
   m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def(
@@ -398,7 +398,7 @@ TORCH_LIBRARY(resnet_fast, m) {
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }
 
-TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(resnet_fast_cuda, CUDA, m) {
   m.impl("add_relu", &resnet_fast::add_relu_cuda);
   m.impl("bn_stats", &resnet_fast::bn_stats_cuda);
   m.impl("bn_act_forward", &resnet_fast::bn_act_forward_cuda);

@@ -13,7 +13,7 @@ _LOAD = r"""
 import sys, torch
 torch.ops.load_library(sys.argv[1])
 from resnet_fast.backends import cuda_backend
-assert all(hasattr(torch.ops.resnet_fast, op) for op in cuda_backend.OPS)
+assert all(hasattr(torch.ops.resnet_fast_cuda, op) for op in cuda_backend.OPS)
 print("ok")
 """
 

@@ -1,4 +1,5 @@
-"""The functional ops: reference semantics, fold_bn, validation errors, and the backend registry."""
+"""The functional ops: reference semantics, the torch.library ops (opcheck, autograd, autocast), fold_bn,
+validation errors, and the backend registry."""
 import subprocess
 import sys
 import warnings
@@ -67,7 +68,117 @@ def test_add_relu_and_batch_norm_act_reference():
     w, b = torch.rand(4) + 0.5, torch.randn(4)
     out = ops.batch_norm_act(x, w, b, rm, rv, training=True, momentum=0.3, eps=1e-5, residual=y, relu=True)
     expected = (F.batch_norm(x, rm2, rv2, w, b, True, 0.3, 1e-5) + y).relu()
-    assert torch.allclose(out, expected) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
+    # The running variance is recovered from the saved inverse std: equal to torch's up to rounding.
+    assert rel_err(out, expected) < 1e-6 and rel_err(rm, rm2) < 1e-6 and rel_err(rv, rv2) < 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.2, None])
+def test_batch_norm_act_keeps_batch_norm_bookkeeping(momentum):
+    bn = torch.nn.BatchNorm2d(3, momentum=momentum)
+    rm, rv, count = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        expected = bn(x).relu()
+        out = ops.batch_norm_act(x, None, None, rm, rv, training=True, momentum=momentum, eps=bn.eps,
+                                 num_batches_tracked=count)
+        assert rel_err(out, expected) < 1e-6
+    assert count.item() == bn.num_batches_tracked.item() == 3
+    assert rel_err(rm, bn.running_mean) < 1e-6 and rel_err(rv, bn.running_var) < 1e-6
+    with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
+        ops.batch_norm_act(x, None, None, rm, rv, training=True, momentum=None)
+
+
+def test_batch_norm_act_on_an_empty_batch_leaves_the_statistics_alone():
+    rm, rv, count = torch.randn(3), torch.rand(3) + 0.5, torch.tensor(4)
+    before = rm.clone(), rv.clone()
+    out = ops.batch_norm_act(torch.randn(0, 3, 4, 4), None, None, rm, rv, training=True, num_batches_tracked=count)
+    assert out.shape == (0, 3, 4, 4) and count.item() == 5  # counted, as nn.BatchNorm2d counts it
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def _bn_tensors(c, dtype=torch.float32):
+    return torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype), \
+        torch.rand(c, dtype=dtype) + 0.5
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_bn_act_is_torchvisions_conv_then_eval_batch_norm(memory_format):
+    x = torch.randn(2, 6, 10, 9, dtype=torch.float64).to(memory_format=memory_format)
+    w, b = torch.randn(8, 6, 3, 3, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    gamma, beta, mean, var = _bn_tensors(8, torch.float64)
+    r = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    out = ops.conv_bn_act(x, w, b, gamma, beta, mean, var, 1e-3, stride=2, padding=1, residual=r)
+    conv = torch.nn.Conv2d(6, 8, 3, 2, 1).double()
+    bn = torch.nn.BatchNorm2d(8, eps=1e-3).double().eval()
+    with torch.no_grad():
+        conv.weight.copy_(w), conv.bias.copy_(b), bn.weight.copy_(gamma), bn.bias.copy_(beta)
+        bn.running_mean.copy_(mean), bn.running_var.copy_(var)
+        expected = (bn(conv(x)) + r).relu()
+    assert rel_err(out, expected) < 1e-13
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+def test_conv_output_is_channels_last_when_the_weight_is():
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    assert ops.conv_bias_act(x, w, padding=1).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv_bn_act_gradients_reach_every_input():
+    """gradcheck in float64 through x, the conv weight and bias, the BatchNorm's affine parameters and
+    statistics, and the residual: the backward formula of the library op, not autograd of the reference."""
+    d = torch.float64
+    args = [torch.randn(2, 4, 7, 6, dtype=d), torch.randn(5, 4, 3, 3, dtype=d), torch.randn(5, dtype=d),
+            *_bn_tensors(5, d), torch.randn(2, 5, 4, 3, dtype=d)]
+    args = [a.requires_grad_() for a in args]
+
+    def f(x, w, b, gamma, beta, mean, var, r):
+        return ops.conv_bn_act(x, w, b, gamma, beta, mean, var, 1e-3, stride=2, padding=1, residual=r)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def _library_op_samples():
+    x, w, b = torch.randn(2, 4, 7, 6), torch.randn(5, 4, 3, 3), torch.randn(5)
+    gamma, beta, mean, var = _bn_tensors(5)
+    r = torch.randn(2, 5, 7, 6)
+    xg = torch.randn(2, 5, 7, 6)
+    out, save_mean, save_invstd = torch.ops.resnet_fast.batch_norm_act(xg, gamma, beta, None, None, True, 1e-5, r,
+                                                                      True)
+    return [
+        ("conv_bn_act", (x, w, b, gamma, beta, mean, var, 1e-5, [1, 1], [1, 1], [1, 1], 1, r, True)),
+        ("conv_bn_act", (x.to(memory_format=torch.channels_last), w, None, None, None, None, None, 0.0, [2, 1],
+                         [0, 1], [1, 2], 1, None, False)),
+        ("add_relu", (x, torch.randn_like(x))),
+        ("batch_norm_act", (xg, gamma, beta, mean, var, False, 1e-5, r, True)),
+        ("batch_norm_act", (xg.to(memory_format=torch.channels_last), None, None, None, None, True, 1e-5, None,
+                            False)),
+        ("batch_norm_act_backward", (torch.randn_like(out), xg, out, gamma, save_mean, save_invstd, True, True,
+                                     True)),
+        ("update_running_stats", (mean.clone(), var.clone(), torch.tensor(3), save_mean, save_invstd, 1e-5, None,
+                                  2 * 7 * 6)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _library_op_samples(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    """Schema, fake implementation (shapes and strides), autograd registration and AOT tracing."""
+    op = getattr(torch.ops.resnet_fast, name).default
+    differentiable = name in ("conv_bn_act", "add_relu", "batch_norm_act")
+    args = tuple(a.clone().requires_grad_(differentiable and i in (0, 1, 2, 12))
+                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a for i, a in enumerate(args))
+    torch.library.opcheck(op, args)
+
+
+def test_conv_ops_cast_under_autocast_and_read_batch_norm_in_float32():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    gamma, beta, mean, var = _bn_tensors(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.conv_bn_act(x, w, None, gamma, beta, mean, var, padding=1)
+        plain = ops.conv_bias_act(x, w, padding=1)
+    assert out.dtype == plain.dtype == torch.bfloat16
+    expected = F.batch_norm(F.conv2d(x.double(), w.double(), padding=1), mean.double(), var.double(),
+                            gamma.double(), beta.double(), False, 0.0, 1e-5).relu()
+    assert rel_err(out, expected) < 1e-2
 
 
 def test_batch_norm_act_updates_running_stats_like_torch():
@@ -122,15 +233,7 @@ def test_add_relu_and_batch_norm_act_reject_bad_input():
         ops.batch_norm_act(torch.randn(2, 3, 4, 4), None, None, None, None, training=False)
 
 
-def test_conv_bias_act_under_autocast_casts_to_the_autocast_dtype():
-    x, w, b = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ops.conv_bias_act(x, w, b, padding=1)
-    assert out.dtype == torch.bfloat16
-    assert rel_err(out, F.conv2d(x.double(), w.double(), b.double(), padding=1).relu()) < 1e-2
-
-
-def test_ops_are_differentiable_on_the_reference():
+def test_ops_are_differentiable():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -147,15 +250,16 @@ def fake_backend():
     """A registered test backend whose conv raises Unsupported for groups > 1 and fails for relu=False."""
     calls = []
 
-    def conv(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    def conv(*args):
+        groups, relu = args[11], args[13]
         if groups > 1:
             raise backends.Unsupported("grouped convolution runs on the reference backend")
         if not relu:
             raise RuntimeError("kernel failed to compile")
         calls.append("conv")
-        return reference.conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+        return reference.conv_bn_act(*args)
 
-    backends.register_backend("fake", lambda: {"conv_bias_act": conv}, priority=-1,
+    backends.register_backend("fake", lambda: {"conv_bn_act": conv}, priority=-1,
                               supports_device=lambda d: d.type == "cpu")
     backends.register_backend("broken", lambda: (_ for _ in ()).throw(ImportError("no such library")),
                               priority=-2, supports_device=lambda d: True)
@@ -172,7 +276,7 @@ def _conv(groups=1, relu=True):
 def test_default_is_auto_and_reference_on_cpu():
     assert resnet_fast.get_backend() == "auto"
     assert "torch" in resnet_fast.available_backends()
-    assert backends.resolve("conv_bias_act", torch.device("cpu"))[0] == "torch"
+    assert backends.resolve("conv_bn_act", torch.device("cpu"))[0] == "torch"
 
 
 def test_set_backend_and_context_manager(fake_backend):
@@ -212,19 +316,20 @@ def test_unsupported_arguments_fall_back_explicitly(fake_backend):
 
 
 def test_a_failing_kernel_falls_back_with_a_warning_unless_strict(fake_backend):
-    with resnet_fast.backend("fake"), pytest.warns(RuntimeWarning, match="failed on 'conv_bias_act'.*compile"):
+    with resnet_fast.backend("fake"), pytest.warns(RuntimeWarning, match="failed on 'conv_bn_act'.*compile"):
         out = _conv(relu=False)
     assert out.shape == (1, 4, 5, 5)
     with resnet_fast.backend("fake", strict=True), pytest.raises(RuntimeError, match="compile"):
         _conv(relu=False)
 
 
-def test_autograd_calls_go_to_a_differentiable_backend_silently(fake_backend):
+def test_autograd_calls_run_the_selected_kernel_forward(fake_backend):
     x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
     with resnet_fast.backend("fake"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        ops.conv_bias_act(x, torch.randn(4, 4, 3, 3), padding=1).sum().backward()
-    assert fake_backend == [] and x.grad is not None
+        ops.conv_bias_act(x, w, padding=1).sum().backward()
+    assert fake_backend == ["conv"] and x.grad is not None and w.grad is not None
 
 
 def test_record_dispatch_counts_the_backend_that_really_ran(fake_backend):
@@ -235,7 +340,7 @@ def test_record_dispatch_counts_the_backend_that_really_ran(fake_backend):
             _conv(groups=2)  # Unsupported: the reference answers
             _conv(relu=False)  # the kernel fails: the reference answers
             ops.add_relu(torch.randn(3), torch.randn(3))  # fake has no add_relu
-    assert calls == {("conv_bias_act", "fake"): 1, ("conv_bias_act", "torch"): 2, ("add_relu", "torch"): 1}
+    assert calls == {("conv_bn_act", "fake"): 1, ("conv_bn_act", "torch"): 2, ("add_relu", "torch"): 1}
     _conv()
     assert sum(calls.values()) == 4  # nothing is counted outside the block
 

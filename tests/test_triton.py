@@ -19,13 +19,14 @@ import torch
 
 import resnet_fast
 from resnet_fast import backends, ops
-from resnet_fast.ops import reference
+from resnet_fast.ops import layout, reference
+from resnet_fast.ops.layout import conv_output_size
 from resnet_fast.testing import randomize_batch_norm
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
 
 pytest.importorskip("triton")
-conv_kernels = pytest.importorskip("resnet_fast.kernels.conv_bias_act")
+conv_kernels = pytest.importorskip("resnet_fast.kernels.conv_gather")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = DEVICE == "cpu"
@@ -36,34 +37,48 @@ BF16_INTERPRETER_ULP = 2.0**-8 if INTERPRET else 0.0
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
-    """The conv launcher's output buffer starts as NaN, so unwritten elements fail ``rel_err``."""
-    empty = conv_kernels._empty_output
+    """Every conv kernel's output buffer starts as NaN, so unwritten elements fail ``rel_err``."""
+    empty = layout.empty_conv_output
 
     def poisoned(*args, **kwargs):
         return empty(*args, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(conv_kernels, "_empty_output", poisoned)
+    monkeypatch.setattr(layout, "empty_conv_output", poisoned)
 
 
 def _fmt(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def batch_norm_tensors(c: int, dtype: torch.dtype, affine: bool = True) -> tuple:
+    """(weight, bias, running_mean, running_var) of an eval-mode BatchNorm with non-trivial values."""
+    mean, var = torch.randn(c, device=DEVICE, dtype=dtype) * 0.2, torch.rand(c, device=DEVICE, dtype=dtype) + 0.5
+    if not affine:
+        return None, None, mean, var
+    return torch.rand(c, device=DEVICE, dtype=dtype) + 0.5, torch.randn(c, device=DEVICE, dtype=dtype) * 0.2, mean, var
+
+
 def _check_conv(
     n: int, c_in: int, c_out: int, hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation,
-    dtype: torch.dtype, channels_last: bool, residual: bool, relu: bool,
+    dtype: torch.dtype, channels_last: bool, residual: bool, relu: bool, bn: str = "none", conv_bias: bool = True,
 ) -> None:
-    """Runs ops.conv_bias_act on the strict triton backend and checks it against float64."""
+    """Runs the conv op on the strict triton backend and checks it against float64.
+
+    ``bn``: ``"none"`` (``conv_bias_act``), ``"affine"`` / ``"plain"`` (``conv_bn_act`` with or without
+    affine parameters, BN tensors in x's dtype) or ``"float32"`` (BN tensors in float32 while x is not:
+    the autocast case). The BatchNorm is applied in the kernel's epilogue from these live tensors.
+    """
     fmt = _fmt(channels_last)
     # .to() restrides even where C_in = 1 makes NCHW and NHWC both 'contiguous' (.contiguous() would not).
     x = torch.randn(n, c_in, *hw, device=DEVICE, dtype=dtype).to(memory_format=fmt)
-    # Folded weights arrive channels_last from the models' fold cache; scaled so outputs stay O(1).
+    # The weight in x's layout (models keep both channels_last on CUDA); scaled so outputs stay O(1).
     w = (torch.randn(c_out, c_in, *kernel, device=DEVICE) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
-    w = w.contiguous(memory_format=torch.channels_last)
-    b = torch.randn(c_out, device=DEVICE, dtype=dtype)
+    w = w.to(memory_format=fmt)
+    b = torch.randn(c_out, device=DEVICE, dtype=dtype) if conv_bias else None
+    norm = () if bn == "none" else batch_norm_tensors(c_out, torch.float32 if bn == "float32" else dtype, bn != "plain")
     geometry = dict(stride=stride, padding=padding, dilation=dilation)
-    h_out = ops.conv_output_size(hw[0], kernel[0], *(_pair(v)[0] for v in (stride, padding, dilation)))
-    w_out = ops.conv_output_size(hw[1], kernel[1], *(_pair(v)[1] for v in (stride, padding, dilation)))
+    h_out = conv_output_size(hw[0], kernel[0], *(_pair(v)[0] for v in (stride, padding, dilation)))
+    w_out = conv_output_size(hw[1], kernel[1], *(_pair(v)[1] for v in (stride, padding, dilation)))
     # The residual in the other layout: the epilogue must honour its strides, whatever they are.
     r = (
         torch.randn(n, c_out, h_out, w_out, device=DEVICE, dtype=dtype).contiguous(memory_format=_fmt(not channels_last))
@@ -72,21 +87,27 @@ def _check_conv(
     )
 
     with resnet_fast.backend("triton", strict=True):
-        out = ops.conv_bias_act(x, w, b, residual=r, relu=relu, **geometry)
+        if norm:
+            out = ops.conv_bn_act(x, w, b, *norm, 1e-3, residual=r, relu=relu, **geometry)
+        else:
+            out = ops.conv_bias_act(x, w, b, residual=r, relu=relu, **geometry)
 
-    def ref(*ts):
-        return reference.conv_bias_act(
-            *ts[:3], _pair(stride), _pair(padding), _pair(dilation), 1, ts[3], relu
+    def ref(cast):
+        norm_args = [None if t is None else cast(t) for t in norm] if norm else [None] * 4
+        return reference.conv_bn_act(
+            cast(x), cast(w), None if b is None else cast(b), *norm_args, 1e-3, _pair(stride), _pair(padding),
+            _pair(dilation), 1, None if r is None else cast(r), relu,
         )
 
-    ref64 = ref(x.double(), w.double(), b.double(), None if r is None else r.double())
+    ref64 = ref(torch.Tensor.double)
     assert out.shape == ref64.shape and out.dtype == dtype
+    fmt = layout.conv_output_format(x, w)
     assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()} are not {fmt}"
     err = rel_err(out, ref64)
     if dtype == torch.float32:
         assert err <= FP32_TOL, err
     else:
-        tol = lowp_tolerance(dtype, ref(x, w, b, r), ref64)
+        tol = lowp_tolerance(dtype, ref(lambda t: t), ref64)
         if dtype == torch.bfloat16:
             tol += BF16_INTERPRETER_ULP
         assert err <= tol, (err, tol)
@@ -97,26 +118,29 @@ def _pair(v) -> tuple[int, int]:
 
 
 # Every (kernel, stride, dilation) geometry with every channel count; the remaining dimensions
-# (layout, dtype, residual, ReLU, C_out parity, padding) rotate through the cases so each value of
-# each appears many times without a full cartesian product (which the interpreter could not afford).
+# (layout, dtype, residual, ReLU, C_out parity, padding, BatchNorm) rotate through the cases so each value
+# of each appears many times without a full cartesian product (which the interpreter could not afford).
 _GEOMETRIES = list(itertools.product((1, 3, 7), (1, 2), (1, 2)))
 _C_IN = (1, 3, 5, 16, 32)
+_BN = ("affine", "none", "plain", "float32")
 _SWEEP = []
 for i, ((k, s, d), c_in) in enumerate(itertools.product(_GEOMETRIES, _C_IN)):
     # No padding, 'same' padding, or one more; at least enough that a 13-wide dilated 7x7 fits the 9x8 image.
     pad = max((0, (k // 2) * d, (k // 2) * d + 1)[i % 3], -(-((k - 1) * d + 1 - 8) // 2))
+    dtype = (torch.float32, torch.float16)[(i // 2) % 2]
+    bn = _BN[(i // 5) % 4] if dtype != torch.float32 else _BN[(i // 5) % 3]
     _SWEEP.append(
         pytest.param(
-            c_in, (7, 8)[i % 2] + (i % 5) * 2, k, s, pad, d,
-            (torch.float32, torch.float16)[(i // 2) % 2], bool(i % 3 % 2), bool((i // 3) % 2), bool(i % 4 < 3),
-            id=f"k{k}s{s}d{d}p{pad}-cin{c_in}-{i}",
+            c_in, (7, 8)[i % 2] + (i % 5) * 2, k, s, pad, d, dtype, bool(i % 3 % 2), bool((i // 3) % 2),
+            bool(i % 4 < 3), bn, bool(i % 7 % 2),
+            id=f"k{k}s{s}d{d}p{pad}-cin{c_in}-{bn}-{i}",
         )
     )
 
 
-@pytest.mark.parametrize("c_in,c_out,k,stride,pad,dil,dtype,channels_last,residual,relu", _SWEEP)
-def test_conv_sweep(c_in, c_out, k, stride, pad, dil, dtype, channels_last, residual, relu):
-    _check_conv(2, c_in, c_out, (9, 8), (k, k), stride, pad, dil, dtype, channels_last, residual, relu)
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad,dil,dtype,channels_last,residual,relu,bn,conv_bias", _SWEEP)
+def test_conv_sweep(c_in, c_out, k, stride, pad, dil, dtype, channels_last, residual, relu, bn, conv_bias):
+    _check_conv(2, c_in, c_out, (9, 8), (k, k), stride, pad, dil, dtype, channels_last, residual, relu, bn, conv_bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -157,7 +181,8 @@ def test_conv_without_bias_and_with_strided_views():
     r = torch.randn(2, 12, 6, 7, device=DEVICE).transpose(2, 3)  # [2, 12, 7, 6]
     with resnet_fast.backend("triton", strict=True):
         out = ops.conv_bias_act(x, w, None, stride=1, padding=0, residual=r, relu=True)
-    ref = reference.conv_bias_act(x.double(), w.double(), None, (1, 1), (0, 0), (1, 1), 1, r.double(), True)
+    ref = reference.conv_bn_act(x.double(), w.double(), None, None, None, None, None, 0.0, (1, 1), (0, 0), (1, 1), 1,
+                                r.double(), True)
     assert rel_err(out, ref) <= FP32_TOL
 
 
@@ -183,21 +208,47 @@ def test_too_many_pixels_goes_to_reference():
 
 def test_selection():
     """Auto mode picks triton for CUDA only (never the interpreter); loading is lazy."""
-    name, _ = backends.resolve("conv_bias_act", torch.device("cpu"))
+    name, _ = backends.resolve("conv_bn_act", torch.device("cpu"))
     assert name == "torch"
     if torch.cuda.is_available():
-        assert backends.resolve("conv_bias_act", torch.device("cuda"))[0] == "triton"
+        assert backends.resolve("conv_bn_act", torch.device("cuda"))[0] == "triton"
     code = "import sys, resnet_fast; assert 'resnet_fast.kernels' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_needs_grad_goes_to_reference():
-    x = torch.randn(1, 3, 4, 4, device=DEVICE, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, device=DEVICE)
-    with resnet_fast.backend("triton"), warnings.catch_warnings():
-        warnings.simplefilter("error")  # routine training calls do not warn
-        ops.conv_bias_act(x, w).sum().backward()
-    assert x.grad is not None
+def test_training_through_the_kernel_forward():
+    """With gradients needed the kernel still runs the forward (strict mode); the library op's backward
+    gives the reference's gradients for x, the weight and every BatchNorm tensor."""
+    x = torch.randn(2, 4, 6, 5, device=DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE) / 6
+    norm = batch_norm_tensors(6, torch.float32)
+    r = torch.randn(2, 6, 6, 5, device=DEVICE)
+    grads = []
+    for name in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, *norm, r)]
+        with resnet_fast.backend(name, strict=True), backends.record_dispatch() as calls:
+            out = ops.conv_bn_act(*leaves[:2], None, *leaves[2:6], padding=1, residual=leaves[6])
+        assert calls == {("conv_bn_act", name): 1}
+        (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        assert rel_err(got, want) <= FP32_TOL
+
+
+def test_batch_norm_is_read_live():
+    """Edits to the BatchNorm tensors and the weight through .data (no version bump) show up in the next
+    call: the kernel reads the tensors it is given, nothing is folded or kept."""
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    w = torch.randn(6, 4, 3, 3, device=DEVICE)
+    gamma, beta, mean, var = batch_norm_tensors(6, torch.float32)
+    with resnet_fast.backend("triton", strict=True):
+        before = ops.conv_bn_act(x, w, None, gamma, beta, mean, var, padding=1, relu=False)
+        for t in (gamma, beta, mean, var, w):
+            t.data.mul_(2)
+        after = ops.conv_bn_act(x, w, None, gamma, beta, mean, var, padding=1, relu=False)
+    expected = reference.conv_bn_act(*(t.double() for t in (x, w)), None, gamma.double(), beta.double(),
+                                     mean.double(), var.double(), 1e-5, (1, 1), (1, 1), (1, 1), 1, None, False)
+    assert rel_err(after, expected) <= FP32_TOL and rel_err(after, before) > 0.1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -238,21 +289,24 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from resnet_fast.kernels import conv_bias_act as m
+from resnet_fast.kernels import conv_gather as m
 
-jit = m._conv_bias_act_kernel.fn
-aligned = {"x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "M", "C_in", "C_out", "H", "W",
+jit = m._conv_gather_kernel.fn
+aligned = {"x_ptr", "w_ptr", "r_ptr", "y_ptr", "M", "C_in", "C_out", "H", "W",
            "sx_n", "sx_h", "sx_w", "sw_o", "sw_h", "sw_w", "sr_n", "sr_h", "sr_w", "sy_n", "sy_h", "sy_w"}
+channel = ("bias_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr")
 for dtype, kh, flat, bm, bn, bk, stages, warps, precision in [
-    ("fp16", 3, False, 128, 128, 64, 4, 8, "ieee"),  # a 3x3 body conv, residual epilogue
+    ("fp16", 3, False, 128, 128, 64, 4, 8, "ieee"),  # a 3x3 body conv, BN + residual epilogue
     ("bf16", 7, True, 64, 64, 64, 5, 4, "ieee"),  # the 7x7 stem on 3 channels (flattened K)
     ("fp32", 1, False, 64, 64, 32, 3, 4, "tf32"),
     ("fp32", 3, False, 128, 64, 32, 3, 4, "ieee"),  # the fixed config of RESNET_FAST_AUTOTUNE=0
 ]:
-    # The NHWC fast path: unit channel strides and 16-divisible sizes, as Triton specialises them.
-    const = dict(KH=kh, KW=kh, RELU=True, PRECISION=precision, UPCAST=False, FLAT_K=flat, HAS_BIAS=True,
-                 HAS_RESIDUAL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, sx_c=1, sw_c=1)
-    sig = {n: "constexpr" if n in const else "*" + dtype if n.endswith("_ptr") else "i32" for n in jit.arg_names}
+    # The NHWC fast path: unit channel strides and 16-divisible sizes, as Triton specialises them; the
+    # BatchNorm tensors in float32 (autocast), a conv without bias (None: specialised away).
+    const = dict(KH=kh, KW=kh, RELU=True, PRECISION=precision, UPCAST=False, FLAT_K=flat, BLOCK_M=bm, BLOCK_N=bn,
+                 BLOCK_K=bk, GROUP_M=8, sx_c=1, sw_c=1, bias_ptr=None)
+    sig = {n: "constexpr" if n in const else "*fp32" if n in channel else "*" + dtype if n.endswith("_ptr")
+           else "fp32" if n == "eps" else "i32" for n in jit.arg_names}
     attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(jit, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=warps, num_stages=stages))
@@ -332,7 +386,7 @@ def test_int64_offsets_gpu():
         summed = ops.add_relu(x, r)
 
     def ref(*ts):
-        return reference.conv_bias_act(*ts[:3], (1, 1), (1, 1), (1, 1), 1, ts[3], True)
+        return reference.conv_bn_act(*ts[:3], None, None, None, None, 0.0, (1, 1), (1, 1), (1, 1), 1, ts[3], True)
 
     last = (x[-1:], w, b, r[-1:])
     ref64 = ref(*(t.double() for t in last))
@@ -346,7 +400,7 @@ def test_int64_offsets_gpu():
 def test_model_vs_torchvision_gpu(name, dtype):
     """Eval outputs within 2x torchvision's own same-dtype error against a float64 torchvision."""
     tv_models = pytest.importorskip("torchvision.models")
-    tv = randomize_batch_norm(getattr(tv_models, name)()).eval()  # so folding is really exercised
+    tv = randomize_batch_norm(getattr(tv_models, name)()).eval()  # so the BN epilogue is really exercised
     model = getattr(resnet_fast, name)().eval()
     model.load_state_dict(tv.state_dict())
     x = torch.randn(2, 3, 224, 224, device="cuda")

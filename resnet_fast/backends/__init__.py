@@ -6,9 +6,9 @@ if it raises :class:`BackendUnavailable`, the backend is unavailable and the rea
 
 Selection (per call, in :func:`call`):
 
-* ``"auto"`` (the default): the highest-priority backend that implements the op, loaded, supports
-  the tensors' device and, when autograd needs a graph, is registered as differentiable for that op.
-  ``"torch"`` (the reference) always qualifies, so on CPU auto mode is simply the reference.
+* ``"auto"`` (the default): the highest-priority backend that implements the op, loaded and supports
+  the tensors' device. ``"torch"`` (the reference) always qualifies, so on CPU auto mode is simply the
+  reference.
 * An explicit name (``set_backend("triton")`` or ``with backend("triton")``): that backend, or, if it
   cannot serve this call, the reference with a warning said once per (backend, op, reason).
   With ``strict=True`` the same situation raises :class:`BackendUnavailable` instead, which is how
@@ -17,6 +17,9 @@ Selection (per call, in :func:`call`):
 A kernel that raises at run time (a compile failure, say) is also answered by the reference with one
 warning, unless strict. Input validation happens in ``resnet_fast.ops`` before dispatch, so bad input
 raises a clear error and never reaches this fallback.
+
+The registry is called from inside the ``torch.library`` ops (:mod:`resnet_fast.ops.library`), which own
+the backward formulas: implementations compute forward values only and never see autograd.
 
 A new backend is one file that calls :func:`register_backend`; models and blocks never change.
 """
@@ -71,7 +74,6 @@ class Backend:
         priority: order in ``"auto"`` mode, highest first.
         load: returns ``{op_name: fn}``; raises :class:`BackendUnavailable` with a reason.
         supports_device: whether the implementations run on tensors of this device.
-        differentiable: ops whose implementation records an autograd graph.
         auto_select: whether ``"auto"`` mode may pick it for a device (default: ``supports_device``);
             Triton's interpreter runs on CPU tensors, but only tests should choose it there.
     """
@@ -80,7 +82,6 @@ class Backend:
     priority: int
     load: Callable[[], Mapping[str, Callable]]
     supports_device: Callable[[torch.device], bool]
-    differentiable: frozenset[str] = frozenset()
     auto_select: Callable[[torch.device], bool] | None = None
     _ops: Mapping[str, Callable] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
@@ -125,13 +126,12 @@ def register_backend(
     *,
     priority: int,
     supports_device: Callable[[torch.device], bool],
-    differentiable: frozenset[str] | set[str] = frozenset(),
     auto_select: Callable[[torch.device], bool] | None = None,
 ) -> Backend:
     """Adds (or replaces) a backend. ``load`` is not called until the backend is first used."""
     if name == AUTO:
         raise ValueError(f"backend name {AUTO!r} is reserved")
-    b = Backend(name, priority, load, supports_device, frozenset(differentiable), auto_select)
+    b = Backend(name, priority, load, supports_device, auto_select)
     _REGISTRY[name] = b
     return b
 
@@ -184,7 +184,7 @@ def _warn_once(key: tuple, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _usable(b: Backend, op: str, device: torch.device, needs_grad: bool) -> str | None:
+def _usable(b: Backend, op: str, device: torch.device) -> str | None:
     """None if ``b`` can serve this call, else the reason it cannot."""
     try:
         ops = b.ops()
@@ -194,12 +194,10 @@ def _usable(b: Backend, op: str, device: torch.device, needs_grad: bool) -> str 
         return f"backend {b.name!r} does not implement {op!r}"
     if not b.supports_device(device):
         return f"backend {b.name!r} does not run on {device.type} tensors"
-    if needs_grad and op not in b.differentiable:
-        return f"backend {b.name!r} has no backward for {op!r}"
     return None
 
 
-def resolve(op: str, device: torch.device, needs_grad: bool = False) -> tuple[str, Callable]:
+def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     """The (backend name, implementation) that :func:`call` would use for this op."""
     sel = _selection.get()
     if sel.name == AUTO:
@@ -207,23 +205,21 @@ def resolve(op: str, device: torch.device, needs_grad: bool = False) -> tuple[st
             b = _REGISTRY[name]
             if b.auto_select is not None and not b.auto_select(device):
                 continue
-            if _usable(b, op, device, needs_grad) is None:
+            if _usable(b, op, device) is None:
                 return name, b.ops()[op]
         raise BackendUnavailable(f"no backend implements {op!r}")
-    reason = _usable(_REGISTRY[sel.name], op, device, needs_grad)
+    reason = _usable(_REGISTRY[sel.name], op, device)
     if reason is None:
         return sel.name, _REGISTRY[sel.name].ops()[op]
     if sel.strict:
         raise BackendUnavailable(reason)
-    # Needing a backward is routine (training), not a failure worth a warning.
-    if not (needs_grad and reason.endswith(f"no backward for {op!r}")):
-        _warn_once((sel.name, op, reason), f"{reason}; using the 'torch' reference backend instead")
+    _warn_once((sel.name, op, reason), f"{reason}; using the 'torch' reference backend instead")
     return "torch", _REGISTRY["torch"].ops()[op]
 
 
-def call(op: str, *args, device: torch.device, needs_grad: bool, **kwargs):
+def call(op: str, *args, device: torch.device, **kwargs):
     """Runs ``op`` on the selected backend, falling back to the reference if its kernel fails."""
-    name, fn = resolve(op, device, needs_grad)
+    name, fn = resolve(op, device)
     if name == "torch":
         out = fn(*args, **kwargs)
     else:
@@ -261,7 +257,7 @@ _recording: contextvars.ContextVar[collections.Counter | None] = contextvars.Con
 def record_dispatch() -> Iterator[collections.Counter]:
     """Counts the op calls made inside the block by ``(op, backend that ran it)``, fallbacks included.
 
-    ``with record_dispatch() as calls: model(x)`` then ``calls[("conv_bias_act", "triton")]``.
+    ``with record_dispatch() as calls: model(x)`` then ``calls[("conv_bn_act", "triton")]``.
     """
     counts: collections.Counter = collections.Counter()
     token = _recording.set(counts)

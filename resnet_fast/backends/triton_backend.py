@@ -1,9 +1,9 @@
-"""The ``"triton"`` backend: fused Triton kernels for ``conv_bias_act`` and ``add_relu``.
+"""The ``"triton"`` backend: fused Triton kernels for ``conv_bn_act`` and ``add_relu``.
 
 Chosen automatically for CUDA tensors (priority 20). It also runs on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``), but only when selected explicitly, which is how the tests use it.
-Inference only: calls that need a gradient go to the reference. Grouped convolutions raise
-:class:`~resnet_fast.backends.Unsupported` and are answered by the reference too.
+Forward kernels only: the library ops' backward formulas use torch's own convolution backward. Grouped
+convolutions raise :class:`~resnet_fast.backends.Unsupported` and are answered by the reference.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ def _load() -> dict:
     except ImportError as e:
         raise BackendUnavailable(f"triton is not installed ({e})") from e
     from resnet_fast.kernels.add_relu import add_relu
-    from resnet_fast.kernels.conv_bias_act import conv_bias_act
+    from resnet_fast.kernels.conv_gather import conv_bn_act
 
-    return {"conv_bias_act": conv_bias_act, "add_relu": add_relu}
+    return {"conv_bn_act": conv_bn_act, "add_relu": add_relu}
 
 
 def _supports_device(device: torch.device) -> bool:

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resnet_fast.ops.layout import like_layout
+
 # 16-byte vector loads need BLOCK / (32 * num_warps) >= 8 contiguous 16-bit elements per thread.
 _BLOCK = 4096
 _NUM_WARPS = 8
@@ -21,11 +23,6 @@ def _add_relu_kernel(x_ptr, y_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.maximum(x + y, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """t itself if it already has ``like``'s (dense) strides, else a copy in that layout."""
-    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
-
-
 def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``relu(x + y)`` for same-shape, same-dtype tensors of any rank and layout.
 
@@ -36,7 +33,7 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    x, y = _in_layout_of(x, out), _in_layout_of(y, out)
+    x, y = like_layout(x, out), like_layout(y, out)
     with torch.cuda.device_of(x):  # Triton launches on the current CUDA device, not the tensors' one
         _add_relu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out

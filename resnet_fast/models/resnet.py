@@ -1,26 +1,34 @@
-"""torchvision-compatible ResNets whose blocks dispatch to the fused ops.
+"""torchvision-compatible ResNets whose blocks call the fused ``torch.library`` ops.
 
-Same constructor arguments, attribute names and state_dict keys as ``torchvision.models.resnet``;
-the classes subclass torchvision's, so ``isinstance`` checks written for torchvision still hold.
-Eval-mode blocks fold BatchNorm into each convolution and run conv + bias (+ residual) + ReLU as one
-op; train-mode blocks run the convolution and ``ops.batch_norm_act``. Activations are kept in
-channels_last from the stem to the head on CUDA (NCHW input is converted once, at entry).
+Same constructor arguments, attribute names and state_dict keys as ``torchvision.models.resnet``; the
+classes subclass torchvision's, so ``isinstance`` checks written for torchvision still hold. Every
+(conv, BatchNorm) pair runs as one :func:`~resnet_fast.models.conv_bn.conv_norm_act` call: in eval mode
+(or with ``FrozenBatchNorm2d``) a single ``conv_bn_act`` with the BatchNorm, residual and ReLU in the
+convolution's epilogue; in training the convolution, then ``batch_norm_act``. The same forward runs in
+eager mode, ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export``.
+
+On CUDA the conv weights are kept channels_last (the layout ``model.to(memory_format=torch.channels_last)``
+gives, applied whenever the model moves to a GPU), so activations are NHWC from the first convolution on
+without a conversion pass. On CPU the model keeps torchvision's layouts.
 """
-
-from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
 import torch
 import torchvision.models.resnet as tv
-from torch import nn
+from torch import Tensor, nn
+import warnings
+
+from torchvision.models import get_model_weights
 
 from resnet_fast import ops
-from resnet_fast.models.conv_bn import conv_bn_act, downsample, fold_cache
+from resnet_fast.models.conv_bn import check_scriptable, conv_norm_act, fusable
+from resnet_fast.ops.layout import is_channels_last
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "Downsample",
     "ResNet",
     "resnet18",
     "resnet34",
@@ -37,29 +45,127 @@ __all__ = [
 STEMS = ("imagenet", "cifar")
 
 
-class BasicBlock(tv.BasicBlock):
+class _FusedPairs:
+    """What a module with (conv, norm) pairs shares: the Python-mode fusability check and the refusal to
+    script pairs that TorchScript would fuse but Python would not (see :func:`check_scriptable`)."""
+
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _fusable(self) -> bool:
+        return fusable(*self._conv_norm_pairs())
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        check_scriptable(self, self._conv_norm_pairs())
+        return self
+
+
+class Downsample(_FusedPairs, nn.Sequential):
+    """torchvision's shortcut ``Sequential(conv1x1, norm)`` (same children and state_dict keys), run as one
+    fused conv + BatchNorm."""
+
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self[0], self[1])]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self[1], "running_var") and (torch.jit.is_scripting() or self._fusable()):
+            c = self[0]
+            n = self[1]
+            return conv_norm_act(
+                x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                None, False,
+            )
+        return self[1](self[0](x))
+
+
+class BasicBlock(_FusedPairs, tv.BasicBlock):
     """Two 3x3 convolutions with a residual connection (torchvision's constructor and attributes)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cache = fold_cache(self)
-        identity = x if self.downsample is None else downsample(self.downsample, x, cache)
-        out = conv_bn_act(self.conv1, self.bn1, x, cache, relu=True)
-        return conv_bn_act(self.conv2, self.bn2, out, cache, residual=identity, relu=True)
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        if hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var") and (
+            torch.jit.is_scripting() or self._fusable()
+        ):
+            c = self.conv1
+            n = self.bn1
+            out = conv_norm_act(
+                x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                None, True,
+            )
+            c = self.conv2
+            n = self.bn2
+            return conv_norm_act(
+                out, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                identity, True,
+            )
+        out = self.relu(self.bn1(self.conv1(x)))
+        return torch.ops.resnet_fast.add_relu(self.bn2(self.conv2(out)), identity)
 
 
-class Bottleneck(tv.Bottleneck):
+class Bottleneck(_FusedPairs, tv.Bottleneck):
     """1x1 reduce, 3x3 (carrying the stride: ResNet v1.5), 1x1 expand, with a residual connection
     (torchvision's constructor and attributes)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cache = fold_cache(self)
-        identity = x if self.downsample is None else downsample(self.downsample, x, cache)
-        out = conv_bn_act(self.conv1, self.bn1, x, cache, relu=True)
-        out = conv_bn_act(self.conv2, self.bn2, out, cache, relu=True)
-        return conv_bn_act(self.conv3, self.bn3, out, cache, residual=identity, relu=True)
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        if (
+            hasattr(self.bn1, "running_var")
+            and hasattr(self.bn2, "running_var")
+            and hasattr(self.bn3, "running_var")
+            and (torch.jit.is_scripting() or self._fusable())
+        ):
+            c = self.conv1
+            n = self.bn1
+            out = conv_norm_act(
+                x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                None, True,
+            )
+            c = self.conv2
+            n = self.bn2
+            out = conv_norm_act(
+                out, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                None, True,
+            )
+            c = self.conv3
+            n = self.bn3
+            return conv_norm_act(
+                out, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                identity, True,
+            )
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return torch.ops.resnet_fast.add_relu(self.bn3(self.conv3(out)), identity)
 
 
-class ResNet(tv.ResNet):
+def use_fused_classes(module: nn.Module) -> None:
+    """Gives torchvision's blocks and shortcut ``Sequential(conv, norm)``s resnet_fast's classes, in place."""
+    classes = {tv.BasicBlock: BasicBlock, tv.Bottleneck: Bottleneck}
+    for m in module.modules():
+        if type(m) in classes:
+            m.__class__ = classes[type(m)]
+        if isinstance(m, tv.BasicBlock | tv.Bottleneck) and type(m.downsample) is nn.Sequential:
+            if len(m.downsample) == 2 and isinstance(m.downsample[0], nn.Conv2d):
+                m.downsample.__class__ = Downsample
+
+
+class ResNet(_FusedPairs, tv.ResNet):
     """ResNet with torchvision's arguments and state_dict keys, plus input/stem/width options.
 
     Args (beyond torchvision's):
@@ -68,7 +174,7 @@ class ResNet(tv.ResNet):
             stride-1 conv, no pooling: for 32x32-class images). Both keep the names ``conv1``/``bn1``/``maxpool``.
         widths: planes of each stage; ``len(layers)`` stages named ``layer1``... Default
             ``64 * 2**i`` per stage, i.e. ``(64, 128, 256, 512)`` for four.
-    Input: ``[N, in_channels, H, W]`` float tensor, NCHW or channels_last, H and W >= 1.
+    Input: ``[N, in_channels, H, W]`` float tensor, NCHW or channels_last, H and W >= 1 (N may be 0).
     Output: ``[N, num_classes]`` logits.
     """
 
@@ -125,6 +231,7 @@ class ResNet(tv.ResNet):
             setattr(self, f"layer{i + 1}", stage)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+        use_fused_classes(self)
         self._init_runtime_state()
 
         for m in self.modules():
@@ -139,6 +246,7 @@ class ResNet(tv.ResNet):
                     nn.init.constant_(m.bn3.weight, 0)
                 elif isinstance(m, tv.BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
+        self._use_kernel_weight_layout()
 
     def _init_runtime_state(self) -> None:
         """Attributes torchvision's ResNet lacks, read off the modules (``convert`` calls this too)."""
@@ -146,11 +254,37 @@ class ResNet(tv.ResNet):
         last = getattr(self, self.stage_names[-1])[-1]
         self.num_features = getattr(last, "conv3", last.conv2).out_channels
 
+    def _use_kernel_weight_layout(self) -> None:
+        """Conv weights on CUDA become channels_last in place (same Parameter objects): the NHWC kernels'
+        layout, and what makes cuDNN return NHWC activations in training too."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d) and m.weight.is_cuda and not is_channels_last(m.weight):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "ResNet":
+        super()._apply(fn, *args, **kwargs)
+        self._use_kernel_weight_layout()
+        return self
+
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1)]
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.stage_names != [f"layer{i}" for i in range(1, min(len(self.stage_names), 4) + 1)]:
+            raise NotImplementedError(
+                f"torch.jit.script supports up to 4 stages named layer1..layer4, got {self.stage_names}"
+            )
+        return super().__prepare_scriptable__()
+
     @property
     def in_channels(self) -> int:
         return self.conv1.in_channels
 
+    @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: nothing to check yet
+            return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
@@ -160,8 +294,8 @@ class ResNet(tv.ResNet):
                 f"x must have {self.conv1.in_channels} channels (the model's in_channels), got {x.shape[1]} "
                 f"(shape {tuple(x.shape)}); see resnet_fast.adapt_input_channels to port a model to other inputs"
             )
-        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
-            raise ValueError(f"x must have a batch and an image of at least 1x1, got shape {tuple(x.shape)}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"x must hold images of at least 1x1, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         weight = self.conv1.weight
@@ -173,28 +307,43 @@ class ResNet(tv.ResNet):
                 "cast one to the other or run under torch.autocast"
             )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]`` (channels_last on CUDA)."""
-        self._check_input(x)
-        if x.is_cuda:
-            # The NHWC kernels' layout, kept to the head. On CPU the input's own layout is kept: torch's
-            # channels_last BatchNorm backward there gives intermittently wrong gradients (seen on 2.14.1).
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = conv_bn_act(self.conv1, self.bn1, x, fold_cache(self), relu=True)
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]``."""
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        if hasattr(self.bn1, "running_var") and (torch.jit.is_scripting() or self._fusable()):
+            c = self.conv1
+            n = self.bn1
+            x = conv_norm_act(
+                x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
+                None, True,
+            )
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
         x = self.maxpool(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        if torch.jit.is_scripting():  # no getattr by name there; __prepare_scriptable__ checked the names
+            x = self.layer1(x)
+            if hasattr(self, "layer2"):
+                x = self.layer2(x)
+            if hasattr(self, "layer3"):
+                x = self.layer3(x)
+            if hasattr(self, "layer4"):
+                x = self.layer4(x)
+        else:
+            for name in self.stage_names:
+                x = getattr(self, name)(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Feature map -> pooled features ``[N, num_features]`` (``pre_logits``) or logits."""
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_impl(self, x: Tensor) -> Tensor:
         return self.forward(x)
 
     def get_classifier(self) -> nn.Module:
@@ -218,8 +367,24 @@ def _resnet(arch: str, block: type, layers: list[int], weights: Any, progress: b
     return model
 
 
+def _legacy_pretrained(arch: str, pretrained: bool, weights: Any) -> Any:
+    """torchvision's deprecated ``pretrained=`` keyword, mapped as torchvision maps it (``True`` is
+    ``IMAGENET1K_V1``), with torchvision's warning: pytorch/examples' ImageNet script still passes it."""
+    if weights is not None:
+        raise ValueError(f"{arch}: pass weights or the deprecated pretrained, not both")
+    warnings.warn(
+        "The parameter 'pretrained' is deprecated since 0.13 and may be removed in the future, please use "
+        "'weights' instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
+
+
 def _factory(arch: str, block: type, layers: list[int], defaults: dict[str, Any], doc: str) -> Callable[..., ResNet]:
     def build(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+        if "pretrained" in kwargs:
+            weights = _legacy_pretrained(arch, kwargs.pop("pretrained"), weights)
         for key, value in defaults.items():
             if key in kwargs and kwargs[key] != value:
                 raise ValueError(f"{arch} has {key}={value}, got {key}={kwargs[key]}")
@@ -235,7 +400,9 @@ def _factory(arch: str, block: type, layers: list[int], defaults: dict[str, Any]
         "        With ``num_classes != 1000`` the head is left new; with ``in_channels != 3`` conv1 is ported\n"
         "        by ``adapt_input_channels`` (method ``'sum'``).\n"
         "    progress: show torchvision's download progress bar.\n"
-        "    **kwargs: :class:`ResNet` arguments (``num_classes``, ``in_channels``, ``stem``, ...)."
+        "    **kwargs: :class:`ResNet` arguments (``num_classes``, ``in_channels``, ``stem``, ...).\n"
+        "    pretrained: torchvision's deprecated keyword, accepted as torchvision does (``True`` means\n"
+        "        ``weights='IMAGENET1K_V1'``, with torchvision's deprecation warning)."
     )
     return build
 

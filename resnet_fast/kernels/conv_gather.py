@@ -1,13 +1,15 @@
-"""Fused convolution: ``relu?(conv2d(x, W) + bias + residual)`` as one implicit-GEMM Triton kernel.
+"""Fused convolution by gathering: ``relu?(bn(conv2d(x, W) + bias) + residual)`` as one implicit-GEMM kernel.
 
 The convolution is a GEMM ``[M, K] x [K, C_out]`` with ``M = N * H_out * W_out`` output pixels and
 ``K = kH * kW * C_in`` taps; the A operand is never materialised (each tile is gathered from x with
-masked loads, which also gives the zero padding). Accumulation is in float32 and the epilogue (bias,
-residual, ReLU, cast) runs on the accumulator before the single store.
+masked loads, which also gives the zero padding). Accumulation is in float32 and the shared epilogue
+(:mod:`resnet_fast.kernels.epilogue`: BatchNorm scale and shift from the live tensors, residual, ReLU)
+runs on the accumulator before the cast and the single store.
 
 Layouts: every tensor is addressed through its strides, so NCHW, channels_last and strided views all
-work; channels_last activations and weights (``[C_out, kH, kW, C_in]`` in memory, as the models' fold
-cache provides them) make the channel loads contiguous and are the fast path. Nothing is copied per call.
+work; channels_last activations and weights (``[C_out, kH, kW, C_in]`` in memory, the layout resnet_fast
+models keep on CUDA) make the channel loads contiguous and are the fast path. Nothing is copied per call.
+This is the general path: any channel count, alignment, layout and GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import triton
 import triton.language as tl
 
 from resnet_fast.backends import Unsupported
+from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
+from resnet_fast.ops import layout
+from resnet_fast.ops.layout import conv_output_size
 
 # Triton's interpreter runs kernels on CPU tensors with numpy: benchmarking (autotune) needs a GPU
 # there, and its bf16 tl.dot multiplies raw bit patterns, so operands are upcast to float32.
@@ -78,23 +83,20 @@ def _accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         # Few input channels (the 3-channel stem): flatten (r, s, c) into K so that a K block holds
         # several taps instead of padding every tap's 3 channels to BLOCK_K.
         "FLAT_K": lambda args: args["C_in"] < args["BLOCK_K"],
-        "HAS_BIAS": lambda args: args["b_ptr"] is not None,
-        "HAS_RESIDUAL": lambda args: args["r_ptr"] is not None,
     }
 )
 @triton.jit
-def _conv_bias_act_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
+def _conv_gather_kernel(
+    x_ptr, w_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, y_ptr,
+    eps,
     M, C_in, H, W, C_out, H_out, W_out,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_c, sw_h, sw_w,
-    sb,
     sr_n, sr_c, sr_h, sr_w,
     sy_n, sy_c, sy_h, sy_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FLAT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
@@ -160,30 +162,28 @@ def _conv_bias_act_kernel(
             b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _accumulate(a, b, acc, PRECISION, UPCAST)
 
-    # Epilogue in float32: folded-BN bias, residual, ReLU, then one cast and one store.
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n * sb, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     oh64 = oh.to(tl.int64)
     ow64 = ow.to(tl.int64)
     n64 = offs_n.to(tl.int64)
-    if HAS_RESIDUAL:
+    residual = None
+    if r_ptr is not None:
         r_off = (img * sr_n + oh64 * sr_h + ow64 * sr_w)[:, None] + n64[None, :] * sr_c
-        acc += tl.load(r_ptr + r_off, mask=out_ok, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+        residual = tl.load(r_ptr + r_off, mask=out_ok, other=0.0)
+    scale, shift = channel_scale_shift(offs_n, n_ok, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps)
+    acc = apply_epilogue(acc, scale, shift, residual, RELU)
     y_off = (img * sy_n + oh64 * sy_h + ow64 * sy_w)[:, None] + n64[None, :] * sy_c
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
 _kernel = (
-    _conv_bias_act_kernel
+    _conv_gather_kernel
     if _INTERPRET or not _AUTOTUNE
     else triton.autotune(
         _GPU_CONFIGS,
         key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w"],
         prune_configs_by={"early_config_prune": _prune_configs},
-    )(_conv_bias_act_kernel)
+    )(_conv_gather_kernel)
 )
 
 
@@ -198,18 +198,6 @@ def _launch(grid_for: Callable[[dict], tuple[int]], *args, **kwargs) -> None:
         _kernel[grid_for](*args, **kwargs)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """Whether x is laid out NHWC: channels innermost (ties from size-1 dimensions included) and
-    below the row stride. Ambiguous tensors (``[N, C, 1, 1]`` contiguous) count as NCHW, as in torch."""
-    return x.stride(1) <= x.stride(3) and x.stride(1) < x.stride(2)
-
-
-def _empty_output(x: torch.Tensor, c_out: int, h_out: int, w_out: int) -> torch.Tensor:
-    """The uninitialised ``[N, C_out, H_out, W_out]`` output in x's dtype, device and memory format."""
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return torch.empty((x.shape[0], c_out, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 only where torch allows it for matmuls; exact products otherwise."""
     if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
@@ -217,10 +205,20 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def conv_bias_act(
+def _channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel vector the epilogue indexes with unit stride (a copy only for strided views)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
@@ -228,36 +226,38 @@ def conv_bias_act(
     residual: torch.Tensor | None,
     relu: bool,
 ) -> torch.Tensor:
-    """``relu?(conv2d(x, weight, bias, stride, padding, dilation) + residual)`` in one kernel launch.
+    """``relu?(bn(conv2d(x, weight, bias, stride, padding, dilation)) + residual)`` in one kernel launch.
 
-    Arguments are those of :func:`resnet_fast.ops.reference.conv_bias_act`, already validated.
+    Arguments are those of :func:`resnet_fast.ops.reference.conv_bn_act`, already validated.
 
     Args:
         x: ``[N, C_in, H, W]`` float32/float16/bfloat16, any strides (channels_last is the fast path).
         weight: ``[C_out, C_in, kH, kW]``, x's dtype, any strides; channels_last (``[C_out, kH, kW, C_in]``
             in memory) is the fast path.
-        bias: ``[C_out]`` or None.
+        bias, bn_weight, bn_bias, running_mean, running_var: ``[C_out]`` or None (no BatchNorm without
+            ``running_var``); any floating dtype, read as float32.
         stride, padding, dilation: (h, w) pairs.
         groups: must be 1: grouped convolutions (ResNeXt) raise :class:`Unsupported`, which sends the
             call to the reference backend (or raises in strict mode), as do more than 2^31 output pixels.
         residual: ``[N, C_out, H_out, W_out]`` with any strides, or None.
         relu: apply ReLU after the residual add.
     Returns:
-        ``[N, C_out, H_out, W_out]`` in x's dtype; channels_last if x is, NCHW-contiguous otherwise.
+        ``[N, C_out, H_out, W_out]`` in x's dtype and :func:`~resnet_fast.ops.layout.conv_output_format`.
     """
     if groups != 1:
         raise Unsupported(f"grouped convolution (groups={groups}) runs on the reference backend")
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    h_out = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    w_out = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     m = n * h_out * w_out
     if m + 256 >= 2**31:  # pixel indices (and the last tile's) are int32; element offsets are int64
         raise Unsupported(f"{m} output pixels exceed the kernel's 32-bit pixel index")
-    y = _empty_output(x, c_out, h_out, w_out)
+    y = layout.empty_conv_output(x, weight, h_out, w_out)
     if m == 0 or c_out == 0:
         return y
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    channel = [_channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)]
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)
@@ -266,10 +266,11 @@ def conv_bias_act(
     with torch.cuda.device_of(x):
         _launch(
             grid,
-            x, weight, bias, residual, y,
+            x, weight, *channel, residual, y,
+            eps,
             m, c_in, h, w, c_out, h_out, w_out,
             *stride, *padding, *dilation,
-            *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, *r_strides, *y.stride(),
+            *x.stride(), *weight.stride(), *r_strides, *y.stride(),
             KH=kh, KW=kw, RELU=relu, PRECISION=_input_precision(x.dtype),
             UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
         )

@@ -1,0 +1,261 @@
+"""The fused ops as ``torch.library`` operators: ``torch.ops.resnet_fast.*``.
+
+Each op is defined once here with its schema, its implementation, a fake (meta) implementation, its
+backward and, for the convolution, an autocast rule, so the same call runs in eager mode, under
+``torch.fx`` tracing, in TorchScript, under ``torch.compile`` and in ``torch.export`` graphs, where it
+stays one opaque node. The implementation picks the kernel at run time through the backend registry
+(:mod:`resnet_fast.backends`): strict mode, fallback warnings and ``record_dispatch`` work inside
+compiled and exported graphs too. The ops read the live tensors they are given on every call (a
+BatchNorm's statistics are applied in the convolution's epilogue, never folded into a cached weight),
+so nothing derived from a parameter can go stale.
+
+Ops (schemas below):
+
+* ``conv_bn_act``: ``relu?(bn(conv2d(x, weight) + bias) + residual)`` with an eval-mode BatchNorm
+  (running statistics; none when ``running_var`` is None).
+* ``add_relu``: ``relu(x + y)``.
+* ``batch_norm_act``: the training-mode ``relu?(batch_norm(x) + residual)``; also returns the batch mean
+  and inverse std it normalised with.
+* ``batch_norm_act_backward``: its gradients (an op of its own so a compiled backward dispatches at run
+  time too).
+* ``update_running_stats``: ``nn.BatchNorm2d``'s running-statistics update from those batch statistics.
+  Separate from ``batch_norm_act`` because torch.library ops with a backward must not mutate their inputs.
+
+Call them through :mod:`resnet_fast.ops`, which validates arguments first; the models call them directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op, register_autograd, register_fake
+
+from resnet_fast import backends
+from resnet_fast.ops import layout
+from resnet_fast.ops.layout import activation_format, conv_output_size
+from resnet_fast.ops.reference import bn_scale_shift
+
+__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act"]
+
+_REDUCE = (0, 2, 3)
+_CHANNEL = (1, -1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- conv_bn_act
+@custom_op(
+    "resnet_fast::conv_bn_act",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
+    "Tensor? running_var, float eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "Tensor? residual, bool relu) -> Tensor",
+)
+def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
+                groups, residual, relu):
+    return backends.call(
+        "conv_bn_act",
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+        tuple(stride), tuple(padding), tuple(dilation), groups, residual, relu,
+        device=x.device,
+    )
+
+
+@register_fake("resnet_fast::conv_bn_act")
+def _conv_bn_act_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
+                      dilation, groups, residual, relu):
+    h = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    w = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return layout.empty_conv_output(x, weight, h, w)
+
+
+def _conv_bn_act_setup(ctx, inputs, output):
+    x, weight, bias, bn_weight, _, running_mean, running_var, eps, stride, padding, dilation, groups, _, relu = inputs
+    ctx.save_for_backward(x, weight, bias, bn_weight, running_mean, running_var, output if relu else None)
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.eps, ctx.relu = eps, relu
+    ctx.dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in inputs]
+
+
+def _conv_bn_act_backward(ctx, grad):
+    """With ``z = conv(x) * scale + shift (+ residual)``: the ReLU mask, then per-channel sums for the
+    BatchNorm and bias gradients, then torch's own convolution backward on ``grad * scale``."""
+    x, weight, bias, bn_weight, running_mean, running_var, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    stride, padding, dilation, groups = ctx.conv
+    g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
+    grads: list[torch.Tensor | None] = [None] * len(need)
+    grads[12] = g if need[12] else None
+    sum_g = g.sum(dim=_REDUCE, dtype=torch.float32) if any(need[2:7]) else None
+    grad_conv = g
+    if running_var is None:
+        grads[2] = sum_g if need[2] else None
+    else:
+        scale, _ = bn_scale_shift(None, bn_weight, None, running_mean, running_var, ctx.eps, torch.float32)
+        grad_conv = (g * scale.view(_CHANNEL)).to(g.dtype)
+        grads[2] = sum_g * scale if need[2] else None
+        grads[4] = sum_g if need[4] else None
+        grads[5] = -sum_g * scale if need[5] else None
+        if need[3] or need[6]:
+            # The BatchNorm's input, conv(x) + bias - mean, recomputed rather than kept from the forward.
+            centred = torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+            centred = centred.float() - running_mean.float().view(_CHANNEL)
+            sum_gc = (g.float() * centred).sum(dim=_REDUCE)
+            invstd = torch.rsqrt(running_var.float() + ctx.eps)
+            grads[3] = sum_gc * invstd if need[3] else None
+            gamma = bn_weight.float() if bn_weight is not None else 1.0
+            grads[6] = sum_gc * gamma * -0.5 * invstd**3 if need[6] else None
+    if need[0] or need[1]:
+        grads[0], grads[1], _ = torch.ops.aten.convolution_backward(
+            grad_conv, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need[0], need[1], False]
+        )
+    return tuple(t if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
+
+
+register_autograd("resnet_fast::conv_bn_act", _conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+
+
+def _autocast_rule(device_type: str):
+    """Under ``torch.autocast`` the activations, the conv weight and bias are cast to the autocast dtype,
+    as ``F.conv2d`` would be; the BatchNorm tensors are read as they are (the epilogue is float32)."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(t):
+        eligible = t is not None and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
+        return t.to(torch.get_autocast_dtype(device_type)) if eligible else t
+
+    def kernel(_keyset, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
+               dilation, groups, residual, relu):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.resnet_fast.conv_bn_act(
+                cast(x), cast(weight), cast(bias), bn_weight, bn_bias, running_mean, running_var, eps, stride,
+                padding, dilation, groups, cast(residual), relu,
+            )
+
+    return key, kernel
+
+
+_lib = torch.library.Library("resnet_fast", "FRAGMENT")
+for _device in ("cpu", "cuda"):
+    _key, _kernel = _autocast_rule(_device)
+    _lib.impl("conv_bn_act", _kernel, _key.name, with_keyset=True)
+
+
+# ------------------------------------------------------------------------------------------------- add_relu
+@custom_op("resnet_fast::add_relu", mutates_args=(), schema="(Tensor x, Tensor y) -> Tensor")
+def add_relu(x, y):
+    return backends.call("add_relu", x, y, device=x.device)
+
+
+@register_fake("resnet_fast::add_relu")
+def _add_relu_fake(x, y):
+    return torch.empty_like(x)
+
+
+def _add_relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _add_relu_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    g = torch.ops.aten.threshold_backward(grad, out, 0)
+    return g, g
+
+
+register_autograd("resnet_fast::add_relu", _add_relu_backward, setup_context=_add_relu_setup)
+
+
+# ------------------------------------------------------------------------------------------- batch_norm_act
+@custom_op(
+    "resnet_fast::batch_norm_act",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, bool training, "
+    "float eps, Tensor? residual, bool relu) -> (Tensor, Tensor, Tensor)",
+)
+def batch_norm_act(x, weight, bias, running_mean, running_var, training, eps, residual, relu):
+    return backends.call(
+        "batch_norm_act", x, weight, bias, running_mean, running_var, training, eps, residual, relu, device=x.device
+    )
+
+
+@register_fake("resnet_fast::batch_norm_act")
+def _batch_norm_act_fake(x, weight, bias, running_mean, running_var, training, eps, residual, relu):
+    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x)), stats, stats.clone()
+
+
+def _batch_norm_act_setup(ctx, inputs, output):
+    x, weight, bias, _, _, training, _, _, relu = inputs
+    out, save_mean, save_invstd = output
+    ctx.mark_non_differentiable(save_mean, save_invstd)
+    ctx.save_for_backward(x, out, weight, save_mean, save_invstd)
+    ctx.training, ctx.relu = training, relu
+    ctx.param_dtypes = tuple(t.dtype if t is not None else None for t in (weight, bias))
+
+
+def _batch_norm_act_backward(ctx, grad, _grad_mean, _grad_invstd):
+    x, out, weight, save_mean, save_invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fast.batch_norm_act_backward(
+        grad, x, out, weight, save_mean, save_invstd, ctx.training, ctx.relu, need[7]
+    )
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (
+        grad_x if need[0] else None,
+        grad_w.to(weight_dtype) if need[1] else None,
+        grad_b.to(bias_dtype) if need[2] else None,
+        None, None, None, None,
+        grad_res if need[7] else None,
+        None,
+    )
+
+
+register_autograd("resnet_fast::batch_norm_act", _batch_norm_act_backward, setup_context=_batch_norm_act_setup)
+
+
+@custom_op(
+    "resnet_fast::batch_norm_act_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+    "bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def batch_norm_act_backward(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad):
+    return backends.call(
+        "batch_norm_act_backward", grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad,
+        device=x.device,
+    )
+
+
+@register_fake("resnet_fast::batch_norm_act_backward")
+def _batch_norm_act_backward_fake(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad):
+    channel = x.new_empty((x.shape[1],), dtype=torch.float32)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
+    grad_res = torch.empty_like(grad_out) if residual_grad else x.new_empty((0,))
+    return grad_x, channel, channel.clone(), grad_res
+
+
+@custom_op(
+    "resnet_fast::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, Tensor save_mean, "
+    "Tensor save_invstd, float eps, float? momentum, int count) -> ()",
+)
+def update_running_stats(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
+                         count):
+    """``nn.BatchNorm2d``'s bookkeeping after a training-mode ``batch_norm_act`` over ``count`` values per
+    channel: the counter is incremented; ``momentum=None`` means a cumulative average over the batches
+    seen; the running variance takes the unbiased batch variance; an empty batch changes no statistic.
+    An op of its own (the statistics are buffers, never differentiated) so traced graphs keep the update."""
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    if count == 0:
+        return
+    var = (save_invstd.double() ** -2 - eps) * (count / max(count - 1, 1))
+    running_mean.mul_(1.0 - factor).add_((save_mean * factor).to(running_mean.dtype))
+    running_var.mul_(1.0 - factor).add_((var * factor).to(running_var.dtype))
+
+
+@update_running_stats.register_fake
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
+                               count):
+    return None
