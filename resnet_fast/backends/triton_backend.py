@@ -22,7 +22,7 @@ def _load() -> dict:
     except ImportError as e:
         raise BackendUnavailable(f"triton is not installed ({e})") from e
     from resnet_fast.kernels.add_relu import add_relu
-    from resnet_fast.kernels.conv_gather import conv_bn_act
+    from resnet_fast.kernels.conv import conv_bn_act
 
     return {"conv_bn_act": conv_bn_act, "add_relu": add_relu}
 
