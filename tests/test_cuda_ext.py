@@ -168,7 +168,10 @@ def _run_bn(backend_name, cast, x, w, b, rm, rv, res, g, training, relu):
             out = resnet_fast.ops.batch_norm_act(leaves[0], leaves[1], leaves[2], rm_, rv_, training=training,
                                                  momentum=0.1, eps=1e-5, residual=leaves[3], relu=relu)
             grads = torch.autograd.grad(out, [t for t in leaves if t is not None], cast(g))
-        assert calls == {("batch_norm_act", backend_name): 1, ("batch_norm_act_backward", backend_name): 1}
+        expected = {("batch_norm_act", backend_name): 1, ("batch_norm_act_backward", backend_name): 1}
+        if training:
+            expected[("batch_stats", backend_name)] = 1
+        assert calls == expected
         return out, grads, rm_, rv_
     return out, torch.autograd.grad(out, [t for t in leaves if t is not None], cast(g)), rm_, rv_
 
@@ -327,9 +330,11 @@ def test_mirror_no_affine_no_running_stats(cpu_mirror):
 
 def test_mirror_backend_declines_what_it_does_not_handle(cpu_mirror):
     with pytest.raises(backends.Unsupported):
-        cb.batch_norm_act(torch.randn(1, 4, 1, 1), None, None, None, None, True, 1e-5, None, True)
+        cb.batch_stats(torch.randn(1, 4, 1, 1))
     with pytest.raises(backends.Unsupported):
-        cb.batch_norm_act(torch.randn(0, 4, 2, 2), None, None, None, None, True, 1e-5, None, True)
+        cb.batch_stats(torch.randn(0, 4, 2, 2))
+    with pytest.raises(backends.Unsupported):
+        cb.batch_norm_act(torch.randn(0, 4, 2, 2), None, None, torch.zeros(4), torch.ones(4), 1e-5, None, True)
     with pytest.raises(backends.Unsupported):
         cb.add_relu(torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
 
@@ -355,12 +360,15 @@ def test_mirror_opcheck(cpu_mirror):
     w, b, rm, rv = torch.randn(4), torch.randn(4), torch.zeros(4), torch.ones(4)
     with resnet_fast.backend("cuda", strict=True):
         torch.library.opcheck(torch.ops.resnet_fast.add_relu.default, (x, torch.randn_like(x)))
+        torch.library.opcheck(torch.ops.resnet_fast.batch_stats.default, (x,))
+        mean, var = torch.ops.resnet_fast.batch_stats(x)
         for training in (True, False):
             torch.library.opcheck(torch.ops.resnet_fast.batch_norm_act.default,
-                                  (x.requires_grad_(), w, b, rm, rv, training, 1e-5, torch.randn_like(x), True))
-        out, mean, invstd = torch.ops.resnet_fast.batch_norm_act(x.detach(), w, b, rm, rv, True, 1e-5, None, True)
+                                  (x.clone().requires_grad_(), w, b, mean, var, 1e-5, training, torch.randn_like(x),
+                                   True))
+        out = torch.ops.resnet_fast.batch_norm_act(x, w, b, mean, var, 1e-5, True, None, True)
         torch.library.opcheck(torch.ops.resnet_fast.batch_norm_act_backward.default,
-                              (torch.randn_like(x), x.detach(), out, w, mean, invstd, True, True, True))
+                              (torch.randn_like(x), x, out, w, mean, var, 1e-5, True, True, True))
 
 
 @pytest.mark.parametrize("with_grad", [False, True])
@@ -535,7 +543,8 @@ def test_gpu_public_op_runs_the_kernel(cuda_lib):
             out.float().sum().backward()
             resnet_fast.ops.add_relu(x.detach(), x.detach())
     names = {e.key for e in prof.key_averages()}
-    kernels = {"resnet_fast_cuda::bn_act_forward", "resnet_fast_cuda::bn_act_backward", "resnet_fast_cuda::add_relu"}
+    kernels = {"resnet_fast_cuda::bn_stats", "resnet_fast_cuda::bn_act_forward", "resnet_fast_cuda::bn_act_backward",
+               "resnet_fast_cuda::add_relu"}
     assert kernels <= names
     assert x.grad is not None and w.grad is not None and b.grad is not None
 
@@ -546,14 +555,15 @@ def test_gpu_opcheck(cuda_lib):
     for dtype in DTYPES:
         x = torch.randn(3, 16, 5, 5, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
         w, b = torch.randn(16, device="cuda"), torch.randn(16, device="cuda")
-        rm, rv = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
         with resnet_fast.backend("cuda", strict=True):
             torch.library.opcheck(torch.ops.resnet_fast.add_relu.default, (x, torch.randn_like(x)))
+            torch.library.opcheck(torch.ops.resnet_fast.batch_stats.default, (x,))
+            mean, var = torch.ops.resnet_fast.batch_stats(x)
             torch.library.opcheck(torch.ops.resnet_fast.batch_norm_act.default,
-                                  (x.clone().requires_grad_(), w, b, rm, rv, True, 1e-5, torch.randn_like(x), True))
-            out, mean, invstd = torch.ops.resnet_fast.batch_norm_act(x, w, b, rm, rv, True, 1e-5, None, True)
+                                  (x.clone().requires_grad_(), w, b, mean, var, 1e-5, True, torch.randn_like(x), True))
+            out = torch.ops.resnet_fast.batch_norm_act(x, w, b, mean, var, 1e-5, True, None, True)
             torch.library.opcheck(torch.ops.resnet_fast.batch_norm_act_backward.default,
-                                  (torch.randn_like(x), x, out, w, mean, invstd, True, True, True))
+                                  (torch.randn_like(x), x, out, w, mean, var, 1e-5, True, True, True))
 
 
 @requires_cuda

@@ -142,20 +142,18 @@ def _library_op_samples():
     gamma, beta, mean, var = _bn_tensors(5)
     r = torch.randn(2, 5, 7, 6)
     xg = torch.randn(2, 5, 7, 6)
-    out, save_mean, save_invstd = torch.ops.resnet_fast.batch_norm_act(xg, gamma, beta, None, None, True, 1e-5, r,
-                                                                      True)
+    out = torch.ops.resnet_fast.batch_norm_act(xg, gamma, beta, mean, var, 1e-5, True, r, True)
     return [
         ("conv_bn_act", (x, w, b, gamma, beta, mean, var, 1e-5, [1, 1], [1, 1], [1, 1], 1, r, True)),
         ("conv_bn_act", (x.to(memory_format=torch.channels_last), w, None, None, None, None, None, 0.0, [2, 1],
                          [0, 1], [1, 2], 1, None, False)),
         ("add_relu", (x, torch.randn_like(x))),
-        ("batch_norm_act", (xg, gamma, beta, mean, var, False, 1e-5, r, True)),
-        ("batch_norm_act", (xg.to(memory_format=torch.channels_last), None, None, None, None, True, 1e-5, None,
+        ("batch_stats", (xg.to(memory_format=torch.channels_last),)),
+        ("batch_norm_act", (xg, gamma, beta, mean, var, 1e-5, False, r, True)),
+        ("batch_norm_act", (xg.to(memory_format=torch.channels_last), None, None, mean, var, 1e-5, True, None,
                             False)),
-        ("batch_norm_act_backward", (torch.randn_like(out), xg, out, gamma, save_mean, save_invstd, True, True,
-                                     True)),
-        ("update_running_stats", (mean.clone(), var.clone(), torch.tensor(3), save_mean, save_invstd, 1e-5, None,
-                                  2 * 7 * 6)),
+        ("batch_norm_act_backward", (torch.randn_like(out), xg, out, gamma, mean, var, 1e-5, True, True, True)),
+        ("update_running_stats", (mean.clone(), var.clone(), torch.tensor(3), mean, var, None, 2 * 7 * 6)),
     ]
 
 
@@ -164,7 +162,7 @@ def test_opcheck(name, args):
     """Schema, fake implementation (shapes and strides), autograd registration and AOT tracing."""
     op = getattr(torch.ops.resnet_fast, name).default
     differentiable = name in ("conv_bn_act", "add_relu", "batch_norm_act")
-    args = tuple(a.clone().requires_grad_(differentiable and i in (0, 1, 2, 12))
+    args = tuple(a.clone().requires_grad_(differentiable and i in (0, 1, 2, 7, 12))
                  if isinstance(a, torch.Tensor) and a.is_floating_point() else a for i, a in enumerate(args))
     torch.library.opcheck(op, args)
 

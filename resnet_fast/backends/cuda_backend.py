@@ -28,7 +28,7 @@ import torch
 from resnet_fast.backends import BackendUnavailable, Unsupported, register_backend
 from resnet_fast.ops.layout import like_layout
 
-__all__ = ["OPS", "SOURCES", "add_relu", "batch_norm_act", "batch_norm_act_backward", "load_library"]
+__all__ = ["OPS", "SOURCES", "add_relu", "batch_norm_act", "batch_norm_act_backward", "batch_stats", "load_library"]
 
 OPS = ("add_relu", "bn_stats", "bn_act_forward", "bn_act_backward")
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -126,34 +126,40 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.ops.resnet_fast_cuda.add_relu(like_layout(x, like), like_layout(y, like))
 
 
-def batch_norm_act(x, weight, bias, running_mean, running_var, training, eps, residual, relu):
+def batch_stats(x):
+    _check_dtype(x, "batch_stats")
+    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        # Empty batches and one value per channel: the reference's answer (and error message).
+        raise Unsupported("batch_stats: needs more than one value per channel")
+    return torch.ops.resnet_fast_cuda.bn_stats(x)
+
+
+def batch_norm_act(x, weight, bias, mean, var, eps, residual, relu):
     _check_dtype(x, "batch_norm_act")
-    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
-        if t is not None and not t.is_floating_point():
-            raise Unsupported(f"batch_norm_act: {name} must be floating point, got {t.dtype}")
     if x.numel() == 0:
         raise Unsupported("batch_norm_act: empty input")
-    if training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        # F.batch_norm raises its own error for this; let the reference say it.
-        raise Unsupported("batch_norm_act: training needs more than one value per channel")
-    # The kernel can update the running statistics itself; the library op leaves that to
-    # update_running_stats, so training passes none.
-    stats = (None, None) if training else (running_mean, running_var)
-    return torch.ops.resnet_fast_cuda.bn_act_forward(x, weight, bias, *stats, training, 0.0, eps, residual, relu)
+    # The kernel normalises with given statistics on its eval path (its own training path, which also
+    # computes and updates them, is split into batch_stats and update_running_stats by the library).
+    return torch.ops.resnet_fast_cuda.bn_act_forward(x, weight, bias, mean, var, False, 0.0, eps, residual, relu)[0]
 
 
-def batch_norm_act_backward(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad):
+def batch_norm_act_backward(grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad):
     _check_dtype(x, "batch_norm_act_backward")
     if x.numel() == 0:
         raise Unsupported("batch_norm_act_backward: empty input")
     return torch.ops.resnet_fast_cuda.bn_act_backward(
-        grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad
+        grad_out, x, out, weight, mean, torch.rsqrt(var.float() + eps), training, relu, residual_grad
     )
 
 
 def _load():
     load_library()
-    return {"add_relu": add_relu, "batch_norm_act": batch_norm_act, "batch_norm_act_backward": batch_norm_act_backward}
+    return {
+        "add_relu": add_relu,
+        "batch_stats": batch_stats,
+        "batch_norm_act": batch_norm_act,
+        "batch_norm_act_backward": batch_norm_act_backward,
+    }
 
 
 def _is_cuda(device: torch.device) -> bool:

@@ -6,6 +6,7 @@ from resnet_fast.ops import reference
 _OPS = {
     "conv_bn_act": reference.conv_bn_act,
     "add_relu": reference.add_relu,
+    "batch_stats": reference.batch_stats,
     "batch_norm_act": reference.batch_norm_act,
     "batch_norm_act_backward": reference.batch_norm_act_backward,
 }

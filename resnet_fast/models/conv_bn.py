@@ -1,68 +1,15 @@
-"""How a block runs ``conv -> BatchNorm (-> + residual) (-> ReLU)``: one TorchScript-compatible function.
+"""Which (conv, norm) pairs a block may run as :func:`resnet_fast.ops.functional.conv_norm_act`.
 
-:func:`conv_norm_act` takes the tensors of one (conv, norm) pair and calls the ``torch.library`` ops, so
-the same code runs in eager mode, under ``torch.fx`` tracing, in TorchScript, under ``torch.compile``
-and in ``torch.export`` graphs, where the fused ops appear as nodes:
-
-* statistics fixed (an ``nn.BatchNorm2d`` in eval mode, a ``FrozenBatchNorm2d`` in any mode): one
-  ``conv_bn_act``, the BatchNorm applied in the convolution's epilogue from the live tensors;
-* batch statistics (an ``nn.BatchNorm2d`` in training mode, or one without running statistics): the
-  convolution, then ``batch_norm_act`` (normalise + residual + ReLU) and ``update_running_stats``.
-
-Blocks pass their modules' tensors explicitly (TorchScript cannot pass modules to functions) and fall back
-to calling their modules for anything :func:`fusable` rejects (GroupNorm, SyncBatchNorm, a subclass with
-its own forward, a conv with non-zero padding modes).
+Blocks call ``conv_norm_act`` with their modules' tensors when :func:`fusable` accepts every pair, and call
+their modules otherwise (GroupNorm, SyncBatchNorm, a subclass with its own forward, a conv with a
+non-zero padding mode). TorchScript cannot ask a norm for its class, so scripted blocks fuse every norm
+with running statistics, and :func:`check_scriptable` refuses to script the ones Python mode would not.
 """
 
-from typing import Optional, Tuple
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["conv_norm_act", "fusable"]
-
-
-def conv_norm_act(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
-    groups: int,
-    norm_weight: Optional[Tensor],
-    norm_bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    eps: float,
-    training: bool,
-    momentum: Optional[float],
-    num_batches_tracked: Optional[Tensor],
-    residual: Optional[Tensor],
-    relu: bool,
-) -> Tensor:
-    """``relu?(norm(conv2d(x, weight) + bias) + residual)`` for a BatchNorm-like norm.
-
-    The norm normalises with its running statistics unless it is training them: ``training`` and a
-    ``num_batches_tracked`` counter (an ``nn.BatchNorm2d`` that tracks statistics), or no running
-    statistics at all. A norm without the counter (``FrozenBatchNorm2d``) never trains them.
-    """
-    if running_mean is not None and running_var is not None and not (training and num_batches_tracked is not None):
-        return torch.ops.resnet_fast.conv_bn_act(
-            x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
-            groups, residual, relu,
-        )
-    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    out, mean, invstd = torch.ops.resnet_fast.batch_norm_act(
-        out, norm_weight, norm_bias, None, None, True, eps, residual, relu
-    )
-    if running_mean is not None and running_var is not None:
-        torch.ops.resnet_fast.update_running_stats(
-            running_mean, running_var, num_batches_tracked, mean, invstd, eps, momentum, out.numel() // out.shape[1]
-        )
-    return out
+__all__ = ["check_scriptable", "fusable"]
 
 
 def _plain_conv(conv: nn.Module) -> bool:

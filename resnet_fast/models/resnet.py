@@ -2,7 +2,7 @@
 
 Same constructor arguments, attribute names and state_dict keys as ``torchvision.models.resnet``; the
 classes subclass torchvision's, so ``isinstance`` checks written for torchvision still hold. Every
-(conv, BatchNorm) pair runs as one :func:`~resnet_fast.models.conv_bn.conv_norm_act` call: in eval mode
+(conv, BatchNorm) pair runs as one :func:`~resnet_fast.ops.functional.conv_norm_act` call: in eval mode
 (or with ``FrozenBatchNorm2d``) a single ``conv_bn_act`` with the BatchNorm, residual and ReLU in the
 convolution's epilogue; in training the convolution, then ``batch_norm_act``. The same forward runs in
 eager mode, ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export``.
@@ -22,7 +22,8 @@ import warnings
 from torchvision.models import get_model_weights
 
 from resnet_fast import ops
-from resnet_fast.models.conv_bn import check_scriptable, conv_norm_act, fusable
+from resnet_fast.models.conv_bn import check_scriptable, fusable
+from resnet_fast.ops.functional import conv_norm_act
 from resnet_fast.ops.layout import is_channels_last
 
 __all__ = [

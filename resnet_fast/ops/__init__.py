@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from resnet_fast.ops import library  # noqa: F401  (registers torch.ops.resnet_fast.*)
+from resnet_fast.ops.functional import norm_act
 from resnet_fast.ops.layout import conv_output_size
 from resnet_fast.ops.reference import bn_scale_shift
 
@@ -287,12 +288,5 @@ def batch_norm_act(
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     _check_like(residual, x, "residual", x.shape)
-    out, mean, invstd = torch.ops.resnet_fast.batch_norm_act(
-        x, weight, bias, running_mean, running_var, bool(training), float(eps), residual, bool(relu)
-    )
-    if training and running_mean is not None:
-        torch.ops.resnet_fast.update_running_stats(
-            running_mean, running_var, num_batches_tracked, mean, invstd, float(eps),
-            None if momentum is None else float(momentum), x.numel() // max(c, 1),
-        )
-    return out
+    return norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
+                    None if momentum is None else float(momentum), float(eps), residual, bool(relu))

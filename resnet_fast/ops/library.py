@@ -14,12 +14,15 @@ Ops (schemas below):
 * ``conv_bn_act``: ``relu?(bn(conv2d(x, weight) + bias) + residual)`` with an eval-mode BatchNorm
   (running statistics; none when ``running_var`` is None).
 * ``add_relu``: ``relu(x + y)``.
-* ``batch_norm_act``: the training-mode ``relu?(batch_norm(x) + residual)``; also returns the batch mean
-  and inverse std it normalised with.
+* ``batch_stats``: per-channel batch mean and biased variance (float32).
+* ``update_running_stats``: ``nn.BatchNorm2d``'s running-statistics update from them.
+* ``batch_norm_act``: ``relu?(batch_norm(x; mean, var) + residual)``; with ``training`` its backward is
+  that of batch statistics.
 * ``batch_norm_act_backward``: its gradients (an op of its own so a compiled backward dispatches at run
   time too).
-* ``update_running_stats``: ``nn.BatchNorm2d``'s running-statistics update from those batch statistics.
-  Separate from ``batch_norm_act`` because torch.library ops with a backward must not mutate their inputs.
+
+The sequences the models and the public functions run (training BatchNorm: statistics, update,
+normalisation) are written once, TorchScript-compatibly, in :mod:`resnet_fast.ops.functional`.
 
 Call them through :mod:`resnet_fast.ops`, which validates arguments first; the models call them directly.
 """
@@ -162,39 +165,87 @@ def _add_relu_backward(ctx, grad):
 register_autograd("resnet_fast::add_relu", _add_relu_backward, setup_context=_add_relu_setup)
 
 
+# --------------------------------------------------------------------------------------- batch statistics
+# Training-mode BatchNorm is three ops, in this order, so that a block's output is the last node of its
+# scope in a traced graph (torchvision's feature extraction returns that node): the batch statistics,
+# the running-statistics update (an op of its own: torch.library ops with a backward must not mutate
+# their inputs), then the normalisation.
+@custom_op("resnet_fast::batch_stats", mutates_args=(), schema="(Tensor x) -> (Tensor, Tensor)")
+def batch_stats(x):
+    return backends.call("batch_stats", x, device=x.device)
+
+
+@register_fake("resnet_fast::batch_stats")
+def _batch_stats_fake(x):
+    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return stats, stats.clone()
+
+
+def _batch_stats_setup(ctx, inputs, output):
+    # batch_norm_act's backward accounts for the statistics' dependence on x.
+    ctx.mark_non_differentiable(*output)
+
+
+register_autograd("resnet_fast::batch_stats", lambda ctx, *grads: None, setup_context=_batch_stats_setup)
+
+
+@custom_op(
+    "resnet_fast::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, Tensor mean, "
+    "Tensor var, float? momentum, int count) -> ()",
+)
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
+    """``nn.BatchNorm2d``'s bookkeeping after a training step over ``count`` values per channel with batch
+    ``mean`` and biased ``var``: the counter is incremented; ``momentum=None`` means a cumulative average
+    over the batches seen; the running variance takes the unbiased variance; an empty batch changes no
+    statistic."""
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    if count == 0:
+        return
+    running_mean.mul_(1.0 - factor).add_((mean * factor).to(running_mean.dtype))
+    running_var.mul_(1.0 - factor).add_((var * (factor * count / max(count - 1, 1))).to(running_var.dtype))
+
+
+@update_running_stats.register_fake
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
+    return None
+
+
 # ------------------------------------------------------------------------------------------- batch_norm_act
 @custom_op(
     "resnet_fast::batch_norm_act",
     mutates_args=(),
-    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, bool training, "
-    "float eps, Tensor? residual, bool relu) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, bool training, "
+    "Tensor? residual, bool relu) -> Tensor",
 )
-def batch_norm_act(x, weight, bias, running_mean, running_var, training, eps, residual, relu):
-    return backends.call(
-        "batch_norm_act", x, weight, bias, running_mean, running_var, training, eps, residual, relu, device=x.device
-    )
+def batch_norm_act(x, weight, bias, mean, var, eps, training, residual, relu):
+    """``training``: ``mean``/``var`` are x's own batch statistics (``batch_stats``), which the backward
+    differentiates through; otherwise they are constants (running statistics)."""
+    return backends.call("batch_norm_act", x, weight, bias, mean, var, eps, residual, relu, device=x.device)
 
 
 @register_fake("resnet_fast::batch_norm_act")
-def _batch_norm_act_fake(x, weight, bias, running_mean, running_var, training, eps, residual, relu):
-    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x)), stats, stats.clone()
+def _batch_norm_act_fake(x, weight, bias, mean, var, eps, training, residual, relu):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
 
 
 def _batch_norm_act_setup(ctx, inputs, output):
-    x, weight, bias, _, _, training, _, _, relu = inputs
-    out, save_mean, save_invstd = output
-    ctx.mark_non_differentiable(save_mean, save_invstd)
-    ctx.save_for_backward(x, out, weight, save_mean, save_invstd)
-    ctx.training, ctx.relu = training, relu
+    x, weight, bias, mean, var, eps, training, _, relu = inputs
+    ctx.save_for_backward(x, output, weight, mean, var)
+    ctx.eps, ctx.training, ctx.relu = eps, training, relu
     ctx.param_dtypes = tuple(t.dtype if t is not None else None for t in (weight, bias))
 
 
-def _batch_norm_act_backward(ctx, grad, _grad_mean, _grad_invstd):
-    x, out, weight, save_mean, save_invstd = ctx.saved_tensors
+def _batch_norm_act_backward(ctx, grad):
+    x, out, weight, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fast.batch_norm_act_backward(
-        grad, x, out, weight, save_mean, save_invstd, ctx.training, ctx.relu, need[7]
+        grad, x, out, weight, mean, var, ctx.eps, ctx.training, ctx.relu, need[7]
     )
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (
@@ -213,49 +264,19 @@ register_autograd("resnet_fast::batch_norm_act", _batch_norm_act_backward, setup
 @custom_op(
     "resnet_fast::batch_norm_act_backward",
     mutates_args=(),
-    schema="(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+    schema="(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, Tensor mean, Tensor var, float eps, "
     "bool training, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def batch_norm_act_backward(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad):
+def batch_norm_act_backward(grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad):
     return backends.call(
-        "batch_norm_act_backward", grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad,
+        "batch_norm_act_backward", grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad,
         device=x.device,
     )
 
 
 @register_fake("resnet_fast::batch_norm_act_backward")
-def _batch_norm_act_backward_fake(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad):
+def _batch_norm_act_backward_fake(grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad):
     channel = x.new_empty((x.shape[1],), dtype=torch.float32)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
     grad_res = torch.empty_like(grad_out) if residual_grad else x.new_empty((0,))
     return grad_x, channel, channel.clone(), grad_res
-
-
-@custom_op(
-    "resnet_fast::update_running_stats",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, Tensor save_mean, "
-    "Tensor save_invstd, float eps, float? momentum, int count) -> ()",
-)
-def update_running_stats(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
-                         count):
-    """``nn.BatchNorm2d``'s bookkeeping after a training-mode ``batch_norm_act`` over ``count`` values per
-    channel: the counter is incremented; ``momentum=None`` means a cumulative average over the batches
-    seen; the running variance takes the unbiased batch variance; an empty batch changes no statistic.
-    An op of its own (the statistics are buffers, never differentiated) so traced graphs keep the update."""
-    factor = 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
-    if count == 0:
-        return
-    var = (save_invstd.double() ** -2 - eps) * (count / max(count - 1, 1))
-    running_mean.mul_(1.0 - factor).add_((save_mean * factor).to(running_mean.dtype))
-    running_var.mul_(1.0 - factor).add_((var * factor).to(running_var.dtype))
-
-
-@update_running_stats.register_fake
-def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
-                               count):
-    return None

@@ -79,44 +79,44 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.relu_()
 
 
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of x, float32 ``[C]`` (float64 for float64 x), as
+    ``F.batch_norm`` computes them in training; zeros and ones for an empty batch (which updates nothing).
+
+    Raises ValueError for one value per channel, as ``F.batch_norm`` does in training.
+    """
+    c, n = x.shape[1], x.numel() // max(x.shape[1], 1)
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    compute = torch.promote_types(x.dtype, torch.float32)
+    if n == 0:
+        return x.new_zeros(c, dtype=compute), x.new_ones(c, dtype=compute)
+    var, mean = torch.var_mean(x.to(compute), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
 def batch_norm_act(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    training: bool,
+    mean: torch.Tensor,
+    var: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None,
     relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``relu?(batch_norm(x) + residual)``: torch's own batch norm (batch statistics, biased variance, when
-    ``training``; the running statistics otherwise), then the residual add and ReLU in x's dtype, as
-    torchvision's blocks compute them. The running statistics are not updated here: that is
-    ``update_running_stats``'s job (:mod:`resnet_fast.ops.library`), from the returned statistics.
+) -> torch.Tensor:
+    """``relu?(batch_norm(x; mean, var) + residual)``: ``(x - mean) * rsqrt(var + eps) * weight + bias`` by
+    torch's own ``batch_norm``, then the residual add and ReLU in x's dtype, as torchvision's blocks compute
+    them. ``mean``/``var`` are the batch statistics (training) or the running statistics (eval).
 
-    Returns:
-        ``(out, save_mean, save_invstd)``: out in x's dtype and :func:`~resnet_fast.ops.layout.activation_format`;
-        the float32 ``[C]`` mean and ``rsqrt(var + eps)`` it normalised with (zeros for an empty batch),
-        which :func:`batch_norm_act_backward` takes.
+    Returns x's dtype, in :func:`~resnet_fast.ops.layout.activation_format`.
     """
-    c, n = x.shape[1], x.numel() // max(x.shape[1], 1)
-    if training and n == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    if not training:
-        out = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-        save_mean = running_mean.to(torch.float32, copy=True)
-        save_invstd = torch.rsqrt(running_var.to(torch.float32) + eps)
-    elif n == 0:
-        out = torch.empty_like(x)
-        save_mean, save_invstd = x.new_zeros(c, dtype=torch.float32), x.new_zeros(c, dtype=torch.float32)
-    else:
-        out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     if residual is not None:
         out = out + residual
     if relu:
         out = torch.relu(out)
-    return out.contiguous(memory_format=activation_format(x)), save_mean.float(), save_invstd.float()
+    return out.contiguous(memory_format=activation_format(x))
 
 
 def batch_norm_act_backward(
@@ -124,18 +124,20 @@ def batch_norm_act_backward(
     x: torch.Tensor,
     out: torch.Tensor,
     weight: torch.Tensor | None,
-    save_mean: torch.Tensor,
-    save_invstd: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
     training: bool,
     relu: bool,
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`batch_norm_act` given its output and saved statistics.
+    """Gradients of :func:`batch_norm_act` given its output.
 
     With ``g`` the gradient after the ReLU mask (``threshold_backward`` on ``out``, as ``torch.relu``'s
-    backward) and ``xhat = (x - mean) * invstd``: ``grad_bias = sum(g)``, ``grad_weight = sum(g * xhat)``,
-    ``grad_x = weight * invstd * (g - (sum(g) + xhat * sum(g * xhat)) / n)`` when training (torch's own
-    ``native_batch_norm_backward``) and ``weight * invstd * g`` otherwise; the residual's gradient is ``g``.
+    backward), ``invstd = rsqrt(var + eps)`` and ``xhat = (x - mean) * invstd``: ``grad_bias = sum(g)``,
+    ``grad_weight = sum(g * xhat)``, ``grad_x = weight * invstd * (g - (sum(g) + xhat * sum(g * xhat)) / n)``
+    when training (the statistics are x's own: torch's ``native_batch_norm_backward``) and
+    ``weight * invstd * g`` otherwise; the residual's gradient is ``g``.
 
     Returns:
         ``(grad_x, grad_weight, grad_bias, grad_residual)``: grad_x in x's dtype and activation format;
@@ -145,13 +147,14 @@ def batch_norm_act_backward(
     g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
     # A fresh tensor: op outputs may not alias inputs (without the ReLU, g is grad_out itself).
     grad_residual = g.clone() if residual_grad else x.new_empty((0,))
-    xhat = (x.float() - save_mean.view(_CHANNEL)) * save_invstd.view(_CHANNEL)
+    invstd = torch.rsqrt(var.float() + eps)
+    xhat = (x.float() - mean.float().view(_CHANNEL)) * invstd.view(_CHANNEL)
     if training and x.numel() > 0:
         grad_x, _, _ = torch.ops.aten.native_batch_norm_backward(
-            g, x, weight, None, None, save_mean, save_invstd, True, 0.0, [True, False, False]
+            g, x, weight, None, None, mean.float(), invstd, True, eps, [True, False, False]
         )
     else:
-        scale = save_invstd if weight is None else save_invstd * weight.float()
+        scale = invstd if weight is None else invstd * weight.float()
         grad_x = (g.float() * scale.view(_CHANNEL)).to(x.dtype)
     grad_weight = (g.float() * xhat).sum(dim=(0, 2, 3))
     grad_bias = g.sum(dim=(0, 2, 3), dtype=torch.float32)

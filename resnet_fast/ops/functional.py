@@ -1,0 +1,78 @@
+"""The library ops in the sequences a network runs, as TorchScript-compatible functions of tensors.
+
+:func:`conv_norm_act` is a (conv, BatchNorm) pair of a block, :func:`norm_act` a BatchNorm (+ residual,
+ReLU) with ``nn.BatchNorm2d``'s semantics and bookkeeping. The models call them with their modules'
+tensors (TorchScript cannot pass modules to functions), and :func:`resnet_fast.ops.batch_norm_act`
+validates and calls :func:`norm_act`, so each sequence is written once. They call ``torch.ops``
+directly, so eager mode, ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export`` all see the
+fused ops as nodes.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["conv_norm_act", "norm_act"]
+
+
+def norm_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
+) -> Tensor:
+    """``relu?(batch_norm(x) + residual)`` as ``nn.BatchNorm2d`` computes it: batch statistics when
+    ``training`` or without running statistics, updating the running statistics (and the counter, when
+    given) while training; the running statistics otherwise."""
+    if running_mean is None or running_var is None or training:
+        mean, var = torch.ops.resnet_fast.batch_stats(x)
+        if training and running_mean is not None and running_var is not None:
+            torch.ops.resnet_fast.update_running_stats(
+                running_mean, running_var, num_batches_tracked, mean, var, momentum, x.numel() // x.shape[1]
+            )
+        return torch.ops.resnet_fast.batch_norm_act(x, weight, bias, mean, var, eps, True, residual, relu)
+    return torch.ops.resnet_fast.batch_norm_act(x, weight, bias, running_mean, running_var, eps, False, residual, relu)
+
+
+def conv_norm_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    groups: int,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    eps: float,
+    training: bool,
+    momentum: Optional[float],
+    num_batches_tracked: Optional[Tensor],
+    residual: Optional[Tensor],
+    relu: bool,
+) -> Tensor:
+    """``relu?(norm(conv2d(x, weight) + bias) + residual)`` for a BatchNorm-like norm.
+
+    Statistics fixed (an ``nn.BatchNorm2d`` in eval mode; a ``FrozenBatchNorm2d``, which has no
+    ``num_batches_tracked`` and never trains its statistics): one ``conv_bn_act``, the BatchNorm applied
+    in the convolution's epilogue from the live tensors. Otherwise the convolution, then :func:`norm_act`.
+    """
+    if running_mean is not None and running_var is not None and not (training and num_batches_tracked is not None):
+        return torch.ops.resnet_fast.conv_bn_act(
+            x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
+            groups, residual, relu,
+        )
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return norm_act(out, norm_weight, norm_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                    eps, residual, relu)
