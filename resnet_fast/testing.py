@@ -35,10 +35,13 @@ def parity_tolerance(dtype: torch.dtype, torch_error: float) -> float:
 
 
 def randomize_batch_norm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Gives every BatchNorm non-trivial statistics and affine parameters, so a folding bug shows."""
+    """Gives every BatchNorm (``FrozenBatchNorm2d`` included) non-trivial statistics and affine parameters,
+    so a bug in applying them shows."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
                 if m.running_mean is not None:
                     m.running_mean.normal_(0.0, 0.2, generator=generator)
                     m.running_var.uniform_(0.5, 2.0, generator=generator)

@@ -46,18 +46,25 @@ def _train_step_pair(tv, rf, x):
 
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 40)])
 def test_train_mode_matches_torchvision(arch, size):
-    """Outputs, every gradient and every running statistic after one training step: resnet_fast's error
-    against a float64 run is at most 2x torchvision's own fp32 error (BN on small batches is ill-conditioned,
-    so a fixed threshold would say more about the random draw than about the code). The floors (1e-5,
-    1e-4) sit at fp32 rounding level; a wrong index or formula gives errors of order 1."""
+    """Outputs, every gradient and every running statistic after one training step, against a float64 run.
+
+    BN over a small batch is ill-conditioned (torchvision's own fp32 gradient error reaches 1e-2 here, and
+    a single layer's can be 1e-4 or 1e-2 depending on the draw), so the bound is statistical: the output
+    and the whole gradient within 2x torchvision's own fp32 error; each parameter's gradient within 4x
+    torchvision's error on it or 2x its error on the whole gradient, whichever is larger (a different but
+    equally valid rounding order moves single tensors by that much; a wrong index or formula gives errors
+    of order 1). The floors (1e-5, 1e-4) sit at fp32 rounding level."""
     tv, rf = model_pair(arch, num_classes=10)
     x = torch.randn(8, 3, size, size)
     (out_tv, out_rf, out64), tv64 = _train_step_pair(tv, rf, x)
     assert rel_err(out_rf, out64) <= max(2 * rel_err(out_tv, out64), 1e-5)
-    params = zip(tv.named_parameters(), rf.named_parameters(), tv64.named_parameters())
+    params = list(zip(tv.named_parameters(), rf.named_parameters(), tv64.named_parameters()))
+    grads = [torch.cat([p.grad.flatten() for (_, p) in group]) for group in zip(*params)]
+    whole = rel_err(grads[0], grads[2])
+    assert rel_err(grads[1], grads[2]) <= max(2 * whole, 1e-4)
     for (name, p_tv), (_, p_rf), (_, p64) in params:
         assert p_rf.grad is not None, name
-        assert rel_err(p_rf.grad, p64.grad) <= max(2 * rel_err(p_tv.grad, p64.grad), 1e-4), name
+        assert rel_err(p_rf.grad, p64.grad) <= max(4 * rel_err(p_tv.grad, p64.grad), 2 * whole, 1e-4), name
     buffers = zip(tv.named_buffers(), rf.named_buffers(), tv64.named_buffers())
     for (name, b_tv), (_, b_rf), (_, b64) in buffers:
         if name.endswith("num_batches_tracked"):
@@ -294,3 +301,35 @@ def test_torch_export_matches_eager():
     program = torch.export.export(m, (x,))
     with torch.no_grad():
         assert rel_err(program.module()(x), m(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("converted", [False, True])
+def test_batch_of_zero(train, converted):
+    """An empty batch gives an empty [0, num_classes] output, as torchvision does, in both modes."""
+    tv, rf = model_pair("resnet18", num_classes=6)
+    if converted:
+        rf = resnet_fast.convert(randomize_batch_norm(torchvision.models.resnet18(num_classes=6)))
+    rf.train(train)
+    before = {n: b.clone() for n, b in rf.named_buffers() if "running" in n}
+    out = rf(torch.randn(0, 3, 32, 32))
+    assert out.shape == (0, 6)
+    for name, b in rf.named_buffers():
+        if "running" in name:
+            assert torch.equal(b, before[name]), name  # an empty batch trains no statistic
+
+
+def test_legacy_pretrained_keyword(monkeypatch):
+    """torchvision's deprecated ``pretrained=`` (pytorch/examples' ImageNet script passes it): False builds
+    a fresh model with torchvision's warning; True asks for IMAGENET1K_V1 like torchvision."""
+    with pytest.warns(UserWarning, match="'pretrained' is deprecated"):
+        model = resnet_fast.resnet50(pretrained=False)
+    assert isinstance(model, resnet_fast.ResNet)
+    asked = {}
+    monkeypatch.setattr("resnet_fast.weights.load_pretrained",
+                        lambda model, weights, **kwargs: asked.setdefault("weights", weights))
+    with pytest.warns(UserWarning, match="'pretrained' is deprecated"):
+        resnet_fast.resnet18(pretrained=True)
+    assert asked["weights"] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    with pytest.raises(ValueError, match="not both"):
+        resnet_fast.resnet18(pretrained=True, weights="DEFAULT")

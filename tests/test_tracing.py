@@ -1,0 +1,164 @@
+"""The same fused ops in every execution mode: eager, torch.fx, TorchScript, torch.compile, torch.export.
+
+Each mode must give the eager result, its graph must contain the fused op (not the plain modules), and
+in strict mode the kernel backend must be the one that ran. The Triton cases run through the
+interpreter on CPU, so they use a tiny network.
+"""
+
+import io
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_fast
+from resnet_fast import backends
+from resnet_fast.testing import randomize_batch_norm
+from conftest import rel_err
+from helpers import float64_copy, model_pair
+
+FUSED = "resnet_fast.conv_bn_act"
+
+
+def _script(model: nn.Module) -> torch.jit.ScriptModule:
+    """torch.jit.script, then a save/load round trip as torchvision's own test_models does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
+        scripted = torch.jit.script(model)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer)
+
+
+def _graph_text(mode: str, model: nn.Module, x: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(the graph the mode builds, as text; the output of running it). The module that ran is
+    ``model`` itself, or for "script" a reloaded copy, left in ``_graph_text.ran``."""
+    _graph_text.ran = model
+    if mode == "eager":
+        return FUSED, model(x)
+    if mode == "fx":
+        gm = torch.fx.symbolic_trace(model)
+        return str(gm.graph), gm(x)
+    if mode == "script":
+        scripted = _graph_text.ran = _script(model)
+        return str(scripted.inlined_graph).replace("::", "."), scripted(x)
+    if mode == "compile":
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(str(gm.graph))
+            return gm.forward
+
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend=keep)(x)
+        return "\n".join(graphs), out
+    if mode == "export":
+        exported = torch.export.export(model, (x,))
+        return str(exported.graph), exported.module()(x)
+    raise AssertionError(mode)
+
+
+MODES = ["eager", "fx", "script", "compile", "export"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_every_mode_runs_the_fused_op_and_matches(arch, mode):
+    tv, rf = model_pair(arch)
+    tv.eval(), rf.eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = tv(x)
+        graph, out = _graph_text(mode, rf, x)
+    assert FUSED in graph and "batch_norm" not in graph.replace("batch_norm_act", "")
+    assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fx", "script", "compile", "export"])
+def test_train_mode_graphs_keep_the_statistics_update(mode):
+    """Training graphs call batch_norm_act and update_running_stats, so running statistics and
+    num_batches_tracked move exactly as in eager mode (FX and TorchScript included)."""
+    _, rf = model_pair("resnet18", num_classes=4)
+    rf.train()
+    eager = resnet_fast.resnet18(num_classes=4).train()
+    eager.load_state_dict(rf.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    graph, out = _graph_text(mode, rf, x)
+    expected = eager(x)
+    assert "resnet_fast.batch_norm_act" in graph and "resnet_fast.update_running_stats" in graph
+    assert rel_err(out, expected) <= 1e-5
+    for (name, a), (_, b) in zip(_graph_text.ran.named_buffers(), eager.named_buffers()):
+        assert rel_err(a.float(), b.float()) <= 1e-5, name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_strict_triton_backend_serves_every_mode(mode):
+    """On a tiny CIFAR-stem net (the interpreter on CPU): the fused kernel, not a fallback, ran."""
+    net = randomize_batch_norm(resnet_fast.ResNet(resnet_fast.Bottleneck, [1, 1], widths=(4, 8), stem="cifar",
+                                                  num_classes=3)).eval()
+    if torch.cuda.is_available():
+        net = net.cuda()
+    x = torch.randn(2, 3, 8, 8, device=net.conv1.weight.device)
+    with torch.no_grad():
+        expected = net(x)
+        with resnet_fast.backend("triton", strict=True), backends.record_dispatch() as calls:
+            graph, out = _graph_text(mode, net, x)
+    assert FUSED in graph
+    assert calls[("conv_bn_act", "triton")] >= 8 and set(calls) == {("conv_bn_act", "triton")}
+    assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("train", [False, True])
+def test_create_feature_extractor_matches_torchvision(arch, train):
+    """Within the parity rule of a float64 torchvision run (train mode's batch statistics over few values
+    amplify rounding, so a fixed threshold would measure the draw, not the code)."""
+    tv, rf = model_pair(arch)
+    tv64 = float64_copy(tv)
+    for m in (tv, rf, tv64):
+        m.train(train)
+    nodes = {"layer2": "mid", "layer4": "last"}
+    x = torch.randn(2, 3, 64, 64)
+    ours, theirs, ref = (create_feature_extractor(m, nodes) for m in (rf, tv, tv64))
+    a, b, r = ours(x), theirs(x), ref(x.double())
+    assert set(a) == {"mid", "last"}
+    for key in a:
+        assert rel_err(a[key], r[key]) <= max(2 * rel_err(b[key], r[key]), 1e-5)
+    assert "conv_bn_act" in str(ours.graph) or train
+    train_nodes, eval_nodes = get_graph_node_names(rf)
+    assert "layer4" in {n.split(".")[0] for n in eval_nodes}
+
+
+def test_cifar_stem_feature_extractor():
+    net = randomize_batch_norm(resnet_fast.resnet18(stem="cifar", num_classes=10)).eval()
+    extractor = create_feature_extractor(net, {"layer3": "features"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+        assert rel_err(extractor(x)["features"], expected) <= 1e-5
+        assert rel_err(torch.fx.symbolic_trace(net)(x), net(x)) <= 1e-6
+    assert FUSED in str(extractor.graph)
+
+
+@pytest.mark.parametrize("norm", ["group", "frozen"])
+def test_script_other_norms(norm):
+    """TorchScript scripts non-BatchNorm norms unfused and FrozenBatchNorm2d fused, matching eager."""
+    layer = (lambda c: nn.GroupNorm(4, c)) if norm == "group" else FrozenBatchNorm2d
+    tv, rf = model_pair("resnet18", norm_layer=layer)
+    tv.eval(), rf.eval()
+    x = torch.randn(1, 3, 32, 32)
+    scripted = _script(rf)
+    with torch.no_grad():
+        assert rel_err(scripted(x), tv(x)) <= 1e-5
+    assert (FUSED.replace(".", "::") in str(scripted.inlined_graph)) == (norm == "frozen")
+
+
+def test_script_refuses_norms_it_cannot_fuse_faithfully():
+    rf = resnet_fast.resnet18(norm_layer=nn.SyncBatchNorm)
+    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
+        _script(rf)
