@@ -25,7 +25,7 @@ from resnet_fast.testing import randomize_batch_norm
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 conv_kernels = pytest.importorskip("resnet_fast.kernels.conv_gather")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,15 +35,19 @@ FP32_TOL = 1e-5
 BF16_INTERPRETER_ULP = 2.0**-8 if INTERPRET else 0.0
 
 
+def _poisoned(allocate):
+    def poisoned(*args, **kwargs):
+        return allocate(*args, **kwargs).fill_(float("nan"))
+
+    return poisoned
+
+
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
-    """Every conv kernel's output buffer starts as NaN, so unwritten elements fail ``rel_err``."""
-    empty = layout.empty_conv_output
-
-    def poisoned(*args, **kwargs):
-        return empty(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(layout, "empty_conv_output", poisoned)
+    """Every conv kernel's output buffer (and split-K's partial sums) starts as NaN, so an element the
+    kernels fail to write fails ``rel_err``."""
+    monkeypatch.setattr(layout, "empty_conv_output", _poisoned(layout.empty_conv_output))
+    monkeypatch.setattr(conv_kernels, "_workspace", _poisoned(conv_kernels._workspace))
 
 
 def _fmt(channels_last: bool) -> torch.memory_format:
@@ -172,6 +176,35 @@ def test_conv_odd_geometry(c_in, kernel, stride, padding, dilation, hw):
 def test_conv_bfloat16(c_in, k, stride, pad):
     """bf16 runs in the interpreter too (operands upcast for tl.dot there); fully checked on GPU below."""
     _check_conv(2, c_in, 12, (9, 8), (k, k), stride, pad, 1, torch.bfloat16, True, True, True)
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize(
+    "c_in,k,stride,pad,hw,dtype,residual,bn",
+    [
+        (48, 3, 1, 1, (7, 7), torch.float32, True, "affine"),  # layer4 at batch 1: 49 pixels, the case it is for
+        (40, 1, 1, 0, (5, 6), torch.float16, False, "float32"),
+        (24, 3, 2, 1, (9, 8), torch.float16, True, "none"),
+        (3, 7, 2, 3, (9, 9), torch.float32, False, "plain"),  # flattened K (the stem's branch)
+    ],
+)
+def test_split_k(monkeypatch, split, c_in, k, stride, pad, hw, dtype, residual, bn):
+    """The reduction split across programs (partials in a NaN-poisoned workspace, then the reduce kernel's
+    epilogue): the same results, including splits with fewer K blocks than programs."""
+    monkeypatch.setenv("RESNET_FAST_SPLIT_K", str(split))
+    _check_conv(1, c_in, 20, hw, (k, k), stride, pad, 1, dtype, True, residual, True, bn)
+
+
+def test_split_k_choice():
+    """Batch-1 ResNet-50 on 132 multiprocessors: the small late layers split, the big early ones do not."""
+    blocks = lambda c_in, k: k * k * -(-c_in // 64)  # noqa: E731
+    sms = 132
+    assert conv_kernels.split_k(49, 512, blocks(512, 3), sms) == 16  # layer4 3x3: 8 tiles
+    assert conv_kernels.split_k(49, 2048, blocks(512, 1), sms) == 2  # layer4 1x1 expand: 16 tiles, 8 K blocks
+    assert conv_kernels.split_k(196, 256, blocks(256, 3), sms) == 8  # layer3 3x3: 8 tiles, 36 K blocks
+    assert conv_kernels.split_k(3136, 64, blocks(64, 3), sms) == 2  # layer1 3x3: 49 tiles
+    assert conv_kernels.split_k(12544, 64, blocks(3, 7), sms) == 1  # the stem: plenty of tiles
+    assert conv_kernels.split_k(802816, 64, blocks(64, 3), sms) == 1  # batch 256
 
 
 def test_conv_without_bias_and_with_strided_views():
@@ -323,17 +356,20 @@ print("ok")
 
 
 @pytest.mark.parametrize("dtype,c_out", [(torch.float16, 2048), (torch.float32, 2048), (torch.float32, 64), (torch.float16, 1)])
-def test_autotune_pruning(dtype, c_out):
-    """GPU autotuning only times configs that fit Hopper's shared memory and C_out (at least one)."""
+@pytest.mark.parametrize("m", [802816, 49])
+def test_autotune_pruning(dtype, c_out, m):
+    """GPU autotuning only times configs that fit Hopper's shared memory, C_out and M (at least one), with
+    the small-M tiles only for small M (batch 1)."""
     configs = conv_kernels._GPU_CONFIGS
-    kept = conv_kernels._prune_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C_out": c_out})
+    kept = conv_kernels._prune_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C_out": c_out, "M": m})
     assert kept and set(kept) <= set(configs)
     for c in kept:
-        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        assert (m + n) * k * dtype.itemsize * c.num_stages <= 227 * 1024
-        assert n <= max(32, c_out)
-    if dtype == torch.float16 and c_out == 2048:
-        assert kept == configs
+        bm, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        assert (bm + n) * k * dtype.itemsize * c.num_stages <= 227 * 1024
+        assert n <= max(32, c_out) and bm <= max(16, triton.next_power_of_2(m))
+        assert bm >= 64 or m <= conv_kernels._SMALL_M
+    if m == 49 and c_out >= 64:
+        assert any(c.kwargs["BLOCK_M"] < 64 for c in kept)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")

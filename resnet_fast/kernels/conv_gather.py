@@ -14,6 +14,7 @@ This is the general path: any channel count, alignment, layout and GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -43,6 +44,9 @@ _GPU_CONFIGS = [
         (64, 64, 64, 5, 4),
         (128, 32, 64, 4, 4),
         (64, 32, 32, 5, 4),
+        # Small M (batch 1: layer4 has 49 output pixels, layer3 196), usually with split-K.
+        (32, 64, 64, 4, 4),
+        (16, 128, 64, 4, 4),
     ]
 ]
 # Under the interpreter each program costs milliseconds: large tiles, one fixed config.
@@ -52,19 +56,24 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16
 _AUTOTUNE = os.environ.get("RESNET_FAST_AUTOTUNE", "1") != "0"
 _FIXED_GPU_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
 _SHARED_MEMORY = 227 * 1024  # per block on Hopper (H100, H200)
+_SMALL_M = 4096  # output pixels under which tiles shorter than 64 rows, and split-K, are considered
 
 
 def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """The configs worth timing for this problem: pipeline buffers ((BLOCK_M + BLOCK_N) * BLOCK_K
-    elements per stage) that fit in shared memory for x's dtype, and column tiles no wider than
-    C_out needs. Saves compiling and timing configs that cannot win."""
+    elements per stage) that fit in shared memory for x's dtype, column tiles no wider than C_out needs,
+    row tiles no taller than M needs, and the small-M tiles only where M is small. Saves compiling and
+    timing configs that cannot win."""
     itemsize = nargs["x_ptr"].element_size()
     widest = max(32, triton.next_power_of_2(nargs["C_out"]))
+    tallest = max(16, triton.next_power_of_2(nargs["M"]))
     kept = [
         c
         for c in configs
         if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages <= _SHARED_MEMORY
         and c.kwargs["BLOCK_N"] <= widest
+        and c.kwargs["BLOCK_M"] <= tallest
+        and (c.kwargs["BLOCK_M"] >= 64 or nargs["M"] <= _SMALL_M)
     ]
     return kept or configs[-1:]
 
@@ -78,6 +87,31 @@ def _accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _epilogue_store(
+    acc, offs_m, offs_n, M, C_out, H_out, W_out,
+    bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps, r_ptr, y_ptr,
+    sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, RELU: tl.constexpr,
+):
+    """The shared epilogue on a float32 [BLOCK_M, BLOCK_N] tile of output pixels x channels, then the
+    cast and the store, both addressed through the strides (int64: a batch may exceed 2^31 elements)."""
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    ow = (offs_m % W_out).to(tl.int64)
+    oh = ((offs_m // W_out) % H_out).to(tl.int64)
+    img = (offs_m // (W_out * H_out)).to(tl.int64)
+    n64 = offs_n.to(tl.int64)
+    residual = None
+    if r_ptr is not None:
+        r_off = (img * sr_n + oh * sr_h + ow * sr_w)[:, None] + n64[None, :] * sr_c
+        residual = tl.load(r_ptr + r_off, mask=out_ok, other=0.0)
+    scale, shift = channel_scale_shift(offs_n, n_ok, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps)
+    acc = apply_epilogue(acc, scale, shift, residual, RELU)
+    y_off = (img * sy_n + oh * sy_h + ow * sy_w)[:, None] + n64[None, :] * sy_c
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
 @triton.heuristics(
     {
         # Few input channels (the 3-channel stem): flatten (r, s, c) into K so that a K block holds
@@ -87,7 +121,7 @@ def _accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 )
 @triton.jit
 def _conv_gather_kernel(
-    x_ptr, w_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, y_ptr, ws_ptr,
     eps,
     M, C_in, H, W, C_out, H_out, W_out,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -97,10 +131,14 @@ def _conv_gather_kernel(
     sy_n, sy_c, sy_h, sy_w,
     KH: tl.constexpr, KW: tl.constexpr,
     RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
+    # Split-K: program pid_k takes every SPLIT_K-th block of the reduction (interleaved, so each split
+    # sees every tap), and writes its float32 partial sum for _split_k_reduce_kernel.
+    pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(C_out, BLOCK_N)
     group = pid // (GROUP_M * num_n)
@@ -126,7 +164,7 @@ def _conv_gather_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+        for k0 in range(pid_k * BLOCK_K, KH * KW * C_in, BLOCK_K * SPLIT_K):
             k = k0 + offs_k
             k_ok = k < KH * KW * C_in
             c = k % C_in
@@ -148,7 +186,7 @@ def _conv_gather_kernel(
         # pipeliner overlaps loads only within the innermost loop, and a 64-channel layer has a
         # single channel block per tap.
         c_blocks = tl.cdiv(C_in, BLOCK_K)
-        for kb in range(0, KH * KW * c_blocks):
+        for kb in range(pid_k, KH * KW * c_blocks, SPLIT_K):
             r = kb // (c_blocks * KW)
             s = (kb // c_blocks) % KW
             c = (kb % c_blocks) * BLOCK_K + offs_k
@@ -162,18 +200,36 @@ def _conv_gather_kernel(
             b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _accumulate(a, b, acc, PRECISION, UPCAST)
 
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    oh64 = oh.to(tl.int64)
-    ow64 = ow.to(tl.int64)
-    n64 = offs_n.to(tl.int64)
-    residual = None
-    if r_ptr is not None:
-        r_off = (img * sr_n + oh64 * sr_h + ow64 * sr_w)[:, None] + n64[None, :] * sr_c
-        residual = tl.load(r_ptr + r_off, mask=out_ok, other=0.0)
-    scale, shift = channel_scale_shift(offs_n, n_ok, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps)
-    acc = apply_epilogue(acc, scale, shift, residual, RELU)
-    y_off = (img * sy_n + oh64 * sy_h + ow64 * sy_w)[:, None] + n64[None, :] * sy_c
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    if SPLIT_K == 1:
+        _epilogue_store(
+            acc, offs_m, offs_n, M, C_out, H_out, W_out, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr,
+            eps, r_ptr, y_ptr, sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, RELU,
+        )
+    else:
+        ws_off = (pid_k * M + offs_m).to(tl.int64)[:, None] * C_out + offs_n[None, :]
+        tl.store(ws_ptr + ws_off, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    ws_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, y_ptr,
+    eps, M, C_out, H_out, W_out,
+    sr_n, sr_c, sr_h, sr_w,
+    sy_n, sy_c, sy_h, sy_w,
+    RELU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sums the SPLIT_K float32 partials ``ws[SPLIT_K, M, C_out]`` in a fixed order (deterministic), then
+    the same epilogue and store as the unsplit kernel."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(SPLIT_K):
+        acc += tl.load(ws_ptr + (k * M + offs_m).to(tl.int64)[:, None] * C_out + offs_n[None, :], mask=ok, other=0.0)
+    _epilogue_store(
+        acc, offs_m, offs_n, M, C_out, H_out, W_out, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr,
+        eps, r_ptr, y_ptr, sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w, RELU,
+    )
 
 
 _kernel = (
@@ -181,13 +237,13 @@ _kernel = (
     if _INTERPRET or not _AUTOTUNE
     else triton.autotune(
         _GPU_CONFIGS,
-        key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w"],
+        key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w", "SPLIT_K"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_conv_gather_kernel)
 )
 
 
-def _launch(grid_for: Callable[[dict], tuple[int]], *args, **kwargs) -> None:
+def _launch(grid_for: Callable[[dict], tuple[int, int]], *args, **kwargs) -> None:
     """Launches the kernel: autotuned on a GPU unless RESNET_FAST_AUTOTUNE=0, else with a fixed config."""
     if _INTERPRET or not _AUTOTUNE:
         cfg = _INTERPRETER_CONFIG if _INTERPRET else _FIXED_GPU_CONFIG
@@ -196,6 +252,48 @@ def _launch(grid_for: Callable[[dict], tuple[int]], *args, **kwargs) -> None:
         )
     else:
         _kernel[grid_for](*args, **kwargs)
+
+
+# Split-K: a layer whose output tiles cannot fill the GPU (batch 1: layer4 has 49 output pixels) splits
+# its reduction across programs, as long as each split keeps enough K blocks to pipeline.
+_MIN_K_BLOCKS_PER_SPLIT = 4
+_MAX_SPLIT_K = 16
+_REDUCE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 64}
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_k(m: int, c_out: int, k_blocks: int, multiprocessors: int) -> int:
+    """How many ways to split the reduction of a conv with ``m`` output pixels, ``c_out`` channels and
+    ``k_blocks`` 64-wide K blocks: the power of two that brings the tile count (counted with 64x128
+    tiles) up to the multiprocessor count, keeping at least 4 K blocks per split."""
+    if m > _SMALL_M:
+        return 1
+    tiles = triton.cdiv(m, 64) * triton.cdiv(c_out, 128)
+    split = 1
+    while (
+        split < _MAX_SPLIT_K
+        and tiles * split * 2 <= multiprocessors
+        and k_blocks // (split * 2) >= _MIN_K_BLOCKS_PER_SPLIT
+    ):
+        split *= 2
+    return split
+
+
+def _split_k_for(x: torch.Tensor, m: int, c_out: int, k_blocks: int) -> int:
+    """``RESNET_FAST_SPLIT_K`` when set (tests, tuning), else :func:`split_k` on x's GPU (1 elsewhere)."""
+    forced = os.environ.get("RESNET_FAST_SPLIT_K")
+    if forced:
+        return max(1, int(forced))
+    return split_k(m, c_out, k_blocks, _multiprocessors(x.device.index)) if x.device.type == "cuda" else 1
+
+
+def _workspace(split: int, m: int, c_out: int, device: torch.device) -> torch.Tensor:
+    """The float32 partial sums of a split-K launch, ``[split, M, C_out]`` (one function: tests poison it)."""
+    return torch.empty((split, m, c_out), dtype=torch.float32, device=device)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -258,20 +356,28 @@ def conv_bn_act(
         return y
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     channel = [_channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)]
+    split = _split_k_for(x, m, c_out, kh * kw * triton.cdiv(c_in, 64))
+    workspace = _workspace(split, m, c_out, x.device) if split > 1 else None
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]),)
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), split
 
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device_of(x):
         _launch(
             grid,
-            x, weight, *channel, residual, y,
+            x, weight, *channel, residual, y, workspace,
             eps,
             m, c_in, h, w, c_out, h_out, w_out,
             *stride, *padding, *dilation,
             *x.stride(), *weight.stride(), *r_strides, *y.stride(),
             KH=kh, KW=kw, RELU=relu, PRECISION=_input_precision(x.dtype),
-            UPCAST=_INTERPRET and x.dtype == torch.bfloat16,
+            UPCAST=_INTERPRET and x.dtype == torch.bfloat16, SPLIT_K=split,
         )
+        if split > 1:
+            reduce_grid = (triton.cdiv(m, _REDUCE_BLOCK["BLOCK_M"]), triton.cdiv(c_out, _REDUCE_BLOCK["BLOCK_N"]))
+            _split_k_reduce_kernel[reduce_grid](
+                workspace, *channel, residual, y, eps, m, c_out, h_out, w_out, *r_strides, *y.stride(),
+                RELU=relu, SPLIT_K=split, **_REDUCE_BLOCK,
+            )
     return y
