@@ -2,13 +2,15 @@
 
 Models (same arguments, attributes and state_dict keys as torchvision): ``resnet18`` ... ``resnet152``,
 ``resnext50_32x4d``, ``resnext101_32x8d``, ``resnext101_64x4d``, ``wide_resnet50_2``, ``wide_resnet101_2``,
-``ResNet``, ``BasicBlock``, ``Bottleneck``; ``convert`` upgrades torchvision models in place.
+``ResNet``, ``BasicBlock``, ``Bottleneck``; ``convert`` upgrades torchvision models in place;
+``cuda_graph`` captures an eval forward for low-latency serving.
 Functional ops live in ``resnet_fast.ops``; backends are chosen with ``set_backend`` / ``backend``.
 """
 
 from resnet_fast import ops
 from resnet_fast.backends import available_backends, backend, get_backend, set_backend
 from resnet_fast.convert import convert
+from resnet_fast.cuda_graph import cuda_graph
 from resnet_fast.models.resnet import (
     BasicBlock,
     Bottleneck,
@@ -45,6 +47,7 @@ __all__ = [
     "available_backends",
     "backend",
     "convert",
+    "cuda_graph",
     "freeze",
     "get_backend",
     "ops",
