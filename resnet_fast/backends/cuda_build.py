@@ -108,7 +108,8 @@ class DeviceCode:
 
         CUDA's compatibility rules: a cubin runs on GPUs of its major version with an equal or higher
         minor one (sm_80 code runs on sm_86 and sm_89, not on sm_90); PTX is compiled by the driver
-        for any GPU of its architecture or a later one (compute_90 runs on sm_90, sm_100, sm_120).
+        for any GPU of its architecture or a later one (compute_90 runs on sm_90, sm_100, sm_120),
+        given a driver as recent as the toolkit that wrote it, which torch's CUDA runtime needs anyway.
         """
         major, _ = capability
         arch = _arch(capability)
@@ -142,7 +143,8 @@ class DeviceCode:
 
     @classmethod
     def from_gencode_flags(cls, flags: Iterable[str]) -> "DeviceCode":
-        """The code nvcc produces for ``-gencode=arch=compute_XX,code=sm_XX``-style flags."""
+        """The code nvcc produces for ``-gencode=arch=compute_XX,code=sm_XX``-style flags (family
+        code, ``sm_100f``, runs like ``sm_100``)."""
         sass, ptx, exact = set(), set(), set()
         for flag in flags:
             _, _, codes = flag.rpartition("code=")
@@ -165,7 +167,7 @@ _FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_HEADER = struct.Struct("<IHHQ")
 _ENTRY_HEADER = struct.Struct("<HHIQIIHHIIIQ")
 _KIND_PTX, _KIND_CUBIN = 1, 2
-_FLAG_ARCH_SPECIFIC = 0x100000  # set by nvcc for sm_90a / compute_90a code
+_FLAG_ARCH_SPECIFIC = 0x100000  # set by nvcc for sm_90a / compute_90a code (not for family code, sm_100f)
 
 
 def _elf_section(data: bytes, wanted: str) -> bytes | None:
@@ -251,16 +253,16 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
 
-def build_library(csrc: Path, name: str) -> str:
+def build_library(csrc: Path, name: str) -> None:
     """Compiles the sources in ``csrc`` with ``torch.utils.cpp_extension.load`` and loads the result
-    (its ``TORCH_LIBRARY`` blocks register the ops). Returns the library's path.
+    (its ``TORCH_LIBRARY`` blocks register the ops).
 
     Targets ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs; builds are cached in torch's
-    extensions directory (``TORCH_EXTENSIONS_DIR``).
+    extensions directory (``TORCH_EXTENSIONS_DIR``), as ``name/name.so``.
     """
     from torch.utils import cpp_extension
 
-    return cpp_extension.load(
+    cpp_extension.load(
         name=name,
         sources=[str(csrc / s) for s in SOURCES],
         extra_include_paths=[str(csrc)],
