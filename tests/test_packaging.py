@@ -56,22 +56,20 @@ def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    nvcc = Path(home) / "bin" / "nvcc"
-    return str(nvcc) if nvcc.exists() else shutil.which("nvcc")
+def _toolkit_program(name: str) -> str | None:
+    """A CUDA toolkit program, where torch's extension builder finds the toolkit."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    path = Path(CUDA_HOME or "/nonexistent") / "bin" / name
+    return str(path) if path.exists() else shutil.which(name)
 
 
 def _cuobjdump() -> str | None:
-    """cuobjdump from the toolkit, or from the nvidia-cuda-cuobjdump wheel (the test extra)."""
-    found = shutil.which("cuobjdump") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump")
-    if Path(found).exists():
-        return str(found)
+    """cuobjdump from the toolkit (a full one has it), or from the nvidia-cuda-cuobjdump wheel (the
+    test extra; /usr/local/cuda here is a minimal toolkit without it)."""
     spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations if spec else []):
-        for candidate in sorted(Path(root).glob("*/bin/cuobjdump")):
-            return str(candidate)
-    return None
+    wheels = [p for root in (spec.submodule_search_locations if spec else []) for p in Path(root).glob("*/bin/cuobjdump")]
+    return _toolkit_program("cuobjdump") or (str(sorted(wheels)[0]) if wheels else None)
 
 
 def _cuobjdump_code(library: Path) -> DeviceCode:
@@ -146,7 +144,7 @@ def test_check_says_what_was_built_and_how_to_rebuild():
 
 def test_device_code_reads_a_library_like_cuobjdump(tmp_path):
     """A library with a cubin, architecture-specific code and PTX, read by cuda_build and cuobjdump."""
-    nvcc = _nvcc()
+    nvcc = _toolkit_program("nvcc")
     _require(nvcc is not None, "needs nvcc")
     (tmp_path / "k.cu").write_text("__global__ void k(float* x) { x[threadIdx.x] += 1.f; }\n")
     library = tmp_path / "k.so"
