@@ -1,13 +1,17 @@
-"""Build script. Metadata lives in pyproject.toml; this file only adds the optional CUDA extension.
+"""Build script. Metadata lives in pyproject.toml; this file says what goes into the package.
 
-``resnet_fast._C`` (the kernels in csrc/, registered as ``torch.ops.resnet_fast.*``) is built when
-torch is a CUDA build and nvcc is found. No GPU is needed to build it. Otherwise, or with
-``RESNET_FAST_NO_CUDA_EXT=1``, the package installs as pure Python (the ``"cuda"`` backend can then
-JIT-build the same sources on a GPU machine, see resnet_fast/backends/cuda_backend.py).
+* The Python packages ``resnet_fast*``, and ``py.typed``.
+* The CUDA sources of csrc/ as package data, installed as ``resnet_fast/csrc``: with them an install
+  made without nvcc (or whose ``_C`` was built for other GPUs) can still JIT-build the kernels on a
+  GPU machine that has nvcc (see resnet_fast/backends/cuda_build.py).
+* The optional CUDA extension ``resnet_fast._C`` (the kernels in csrc/, registered as
+  ``torch.ops.resnet_fast.*``), built when torch is a CUDA build and nvcc is found. No GPU is needed
+  to build it. Otherwise, or with ``RESNET_FAST_NO_CUDA_EXT=1``, the package installs as pure Python.
 
 Defaults, each only when the variable is unset:
   CUDA_HOME=/usr/local/cuda (if that directory exists; otherwise torch looks for nvcc on PATH),
-  TORCH_CUDA_ARCH_LIST=9.0 when no GPU is visible (with a GPU, torch targets the visible one),
+  TORCH_CUDA_ARCH_LIST=8.0;8.6;8.9;9.0+PTX when no GPU is visible (A100, A10/RTX 30xx, L4/L40/RTX 40xx,
+    H100/H200, and PTX that the driver compiles for later GPUs; with a GPU, torch targets the visible one),
   MAX_JOBS=2.
 Use ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 """
@@ -15,10 +19,13 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["csrc/add_relu.cu", "csrc/batch_norm_act.cu", "csrc/ops.cpp"]
+# Ampere (A100: 8.0; A10, RTX 30xx: 8.6), Ada (L4, L40, RTX 40xx: 8.9), Hopper (9.0), and PTX for the
+# newest so that later GPUs JIT-compile it. Keep CMakeLists.txt's default the same.
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _log(msg: str) -> None:
@@ -55,8 +62,9 @@ def _cuda_extension():
         except Exception:  # noqa: BLE001
             visible = False
         if not visible:
-            # torch cannot infer the architecture without a GPU (it raises IndexError).
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            # torch cannot infer the architecture without a GPU (it raises IndexError), and a wheel
+            # built here must run on the GPUs of the people who install it.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     os.environ.setdefault("MAX_JOBS", "2")
     _log(
         f"building resnet_fast._C with {nvcc} (CUDA_HOME={cuda_home}, "
@@ -74,4 +82,12 @@ def _cuda_extension():
 
 
 ext_modules, cmdclass = _cuda_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=find_packages(include=["resnet_fast", "resnet_fast.*"]) + ["resnet_fast.csrc"],
+    # The sources stay at the top of the repository (CMakeLists.txt builds them too) and are
+    # installed inside the package, where resnet_fast.backends.cuda_build looks first.
+    package_dir={"resnet_fast.csrc": "csrc"},
+    package_data={"resnet_fast": ["py.typed"], "resnet_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -10,29 +10,27 @@ library ops (:mod:`resnet_fast.ops.library`, which own the fake implementations 
 * ``bn_act_backward(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad)
   -> (grad_x, grad_weight, grad_bias, grad_residual)``.
 
-Loading (lazy, on first use of the backend): ``import resnet_fast._C`` (built by ``pip install -e .``);
-else, on a machine with a GPU, nvcc and ninja, a JIT build of the same sources with
+Loading (lazy, on first use of the backend): ``import resnet_fast._C`` (built by ``pip install``),
+after checking, without importing it, that it carries code for the visible GPUs
+(:mod:`resnet_fast.backends.cuda_build`); else, on a machine with a GPU, nvcc and ninja, a JIT build
+of the sources the package ships (``resnet_fast/csrc``, or the checkout's ``csrc/``) with
 ``torch.utils.cpp_extension.load`` (cached in torch's extensions directory; ``RESNET_FAST_NO_JIT=1``
-disables it). Otherwise the backend is unavailable and says why.
+disables it). Otherwise the backend is unavailable and says why, once.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import threading
-from pathlib import Path
 
 import torch
 
-from resnet_fast.backends import BackendUnavailable, Unsupported, register_backend
+from resnet_fast.backends import BackendUnavailable, Unsupported, cuda_build, register_backend
+from resnet_fast.backends.cuda_build import CSRC, SOURCES  # noqa: F401  (the sources' names and the checkout's csrc/)
 from resnet_fast.ops.layout import like_layout
 
 __all__ = ["OPS", "SOURCES", "add_relu", "batch_norm_act", "batch_norm_act_backward", "batch_stats", "load_library"]
 
 OPS = ("add_relu", "bn_stats", "bn_act_forward", "bn_act_backward")
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = [CSRC / "add_relu.cu", CSRC / "batch_norm_act.cu", CSRC / "ops.cpp"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.RLock()
@@ -52,41 +50,8 @@ def _registered() -> bool:
 
 
 def _import_prebuilt() -> None:
+    cuda_build.check_prebuilt()  # before the import: its ops could not be replaced by a JIT build after it
     import resnet_fast._C  # noqa: F401  (registers the ops on import)
-
-
-def _jit_build(prebuilt_error: BaseException) -> str:
-    why = f"resnet_fast._C is not importable ({type(prebuilt_error).__name__}: {prebuilt_error})"
-    if os.environ.get("RESNET_FAST_NO_JIT", "0") not in ("", "0"):
-        raise BackendUnavailable(f"{why} and RESNET_FAST_NO_JIT is set")
-    if torch.version.cuda is None:
-        raise BackendUnavailable(f"{why} and torch {torch.__version__} is not a CUDA build")
-    if not torch.cuda.is_available():
-        raise BackendUnavailable(f"{why} and no GPU is visible, so it is not JIT-built")
-    missing = [str(p) for p in SOURCES if not p.exists()]
-    if missing:
-        raise BackendUnavailable(f"{why} and the sources to JIT-build it are missing: {missing}")
-    # torch.utils.cpp_extension reads CUDA_HOME when first imported.
-    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isdir("/usr/local/cuda"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    from torch.utils import cpp_extension
-
-    if cpp_extension.CUDA_HOME is None:
-        raise BackendUnavailable(f"{why} and nvcc was not found (set CUDA_HOME) to JIT-build it")
-    if not cpp_extension.is_ninja_available():
-        raise BackendUnavailable(f"{why} and ninja is not installed to JIT-build it")
-    # One cache entry per torch version: a library built against another torch would not load.
-    name = "resnet_fast_C_" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-    cpp_extension.load(
-        name=name,
-        sources=[str(p) for p in SOURCES],
-        extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
-        is_python_module=False,
-        verbose=os.environ.get("RESNET_FAST_VERBOSE_BUILD", "0") not in ("", "0"),
-    )
-    return f"JIT-built ({name}) from {CSRC}"
 
 
 def load_library() -> str:
@@ -103,8 +68,8 @@ def load_library() -> str:
                 try:
                     _import_prebuilt()
                     _how_loaded = "prebuilt resnet_fast._C"
-                except ImportError as e:  # also: built against another torch (undefined symbol)
-                    _how_loaded = _jit_build(e)
+                except (ImportError, BackendUnavailable) as e:  # also: another torch's build, other GPUs
+                    _how_loaded = cuda_build.jit_build(e)
                 if not _registered():
                     _how_loaded = None
                     raise BackendUnavailable("the resnet_fast library loaded but did not register its CUDA ops")
