@@ -22,7 +22,7 @@ import triton.language as tl
 
 __all__ = [
     "AUTOTUNE", "INTERPRET", "SHARED_MEMORY", "accumulate", "channel_vector", "configured",
-    "descriptor_unsupported_reason", "grouped_tile", "input_precision", "nhwc", "weight_matrix",
+    "descriptor_unsupported_reason", "fits", "grouped_tile", "input_precision", "nhwc", "weight_matrix",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,6 +48,17 @@ def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
     pid_n = (tile % (GROUP_M * num_n)) // group_size
     return pid_m, pid_n
+
+
+def fits(config: triton.Config, block_k: int, itemsize: int, epilogue_tiles: int) -> bool:
+    """Whether a ``BLOCK_M x BLOCK_N`` config fits a Hopper multiprocessor: ``num_stages`` A and B blocks
+    of ``block_k`` channels plus ``epilogue_tiles`` output-sized tiles in shared memory, and an accumulator
+    that leaves registers to spare (with float32 operands, tf32 wgmma spills past 64 accumulators a
+    thread: checked with ptxas for sm_90)."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    shared = itemsize * (config.num_stages * (bm + bn) * block_k + epilogue_tiles * bm * bn)
+    accumulators = bm * bn // (32 * config.num_warps)
+    return shared <= SHARED_MEMORY and accumulators <= (64 if itemsize == 4 else 128)
 
 
 def input_precision(dtype: torch.dtype) -> str:

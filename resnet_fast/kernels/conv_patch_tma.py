@@ -64,25 +64,25 @@ _GPU_CONFIGS = [
         (64, 128, 4, 4), (64, 64, 5, 4),
     ]
 ]  # fmt: skip
-_FIXED_GPU_CONFIG = _config(128, 128, 3, 4)
+_FIXED_GPU_CONFIG = _config(128, 64, 3, 4)  # fits every dtype without spilling
 _INTERPRETER_CONFIG = _config(64, 32, 1, 4)
 
 
 def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
-    """Configs whose pipeline stages and output tile fit in shared memory, with channel tiles no wider
-    than C_out needs and image counts per tile no larger than the batch needs."""
+    """Configs that fit (:func:`~resnet_fast.kernels.conv_common.fits`; the epilogue reuses the pipeline's
+    shared memory), with channel tiles no wider than C_out needs and no more images per tile than the
+    batch has (or than the smallest tile holds)."""
     nargs = {**nargs, **kwargs}
     itemsize = nargs["y_desc"].base.element_size()
     patch = nargs["PATCH_H"] * nargs["PATCH_W"]
     widest = max(64, triton.next_power_of_2(nargs["C_out"]))
     images = max(nargs["N"], _MAX_PATCH // patch)
-
-    def fits(c: triton.Config) -> bool:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        shared = ((bm + bn) * nargs["BLOCK_K"] * c.num_stages + bm * bn) * itemsize
-        return shared <= conv_common.SHARED_MEMORY and bn <= widest and bm // patch <= images
-
-    return [c for c in configs if fits(c)] or configs[-1:]
+    kept = [
+        c for c in configs
+        if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 0) and c.kwargs["BLOCK_N"] <= widest
+        and c.kwargs["BLOCK_M"] // patch <= images
+    ]
+    return kept or configs[-1:]
 
 
 @triton.jit
