@@ -19,103 +19,14 @@ import torch
 
 import resnet_fast
 from resnet_fast import backends, ops
-from resnet_fast.ops import layout, reference
-from resnet_fast.ops.layout import conv_output_size
+from resnet_fast.ops import reference
 from resnet_fast.testing import randomize_batch_norm
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
+from helpers import DEVICE, FP32_TOL, batch_norm_tensors, check_conv, poisoned_outputs  # noqa: F401 (autouse)
 
 pytest.importorskip("triton")
 conv_kernels = pytest.importorskip("resnet_fast.kernels.conv_gather")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = DEVICE == "cpu"
-FP32_TOL = 1e-5
-# Under the interpreter float32 -> bfloat16 casts truncate instead of rounding: one more bf16 ulp.
-BF16_INTERPRETER_ULP = 2.0**-8 if INTERPRET else 0.0
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """Every conv kernel's output buffer starts as NaN, so unwritten elements fail ``rel_err``."""
-    empty = layout.empty_conv_output
-
-    def poisoned(*args, **kwargs):
-        return empty(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(layout, "empty_conv_output", poisoned)
-
-
-def _fmt(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def batch_norm_tensors(c: int, dtype: torch.dtype, affine: bool = True) -> tuple:
-    """(weight, bias, running_mean, running_var) of an eval-mode BatchNorm with non-trivial values."""
-    mean, var = torch.randn(c, device=DEVICE, dtype=dtype) * 0.2, torch.rand(c, device=DEVICE, dtype=dtype) + 0.5
-    if not affine:
-        return None, None, mean, var
-    return torch.rand(c, device=DEVICE, dtype=dtype) + 0.5, torch.randn(c, device=DEVICE, dtype=dtype) * 0.2, mean, var
-
-
-def _check_conv(
-    n: int, c_in: int, c_out: int, hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation,
-    dtype: torch.dtype, channels_last: bool, residual: bool, relu: bool, bn: str = "none", conv_bias: bool = True,
-) -> None:
-    """Runs the conv op on the strict triton backend and checks it against float64.
-
-    ``bn``: ``"none"`` (``conv_bias_act``), ``"affine"`` / ``"plain"`` (``conv_bn_act`` with or without
-    affine parameters, BN tensors in x's dtype) or ``"float32"`` (BN tensors in float32 while x is not:
-    the autocast case). The BatchNorm is applied in the kernel's epilogue from these live tensors.
-    """
-    fmt = _fmt(channels_last)
-    # .to() restrides even where C_in = 1 makes NCHW and NHWC both 'contiguous' (.contiguous() would not).
-    x = torch.randn(n, c_in, *hw, device=DEVICE, dtype=dtype).to(memory_format=fmt)
-    # The weight in x's layout (models keep both channels_last on CUDA); scaled so outputs stay O(1).
-    w = (torch.randn(c_out, c_in, *kernel, device=DEVICE) / (c_in * kernel[0] * kernel[1]) ** 0.5).to(dtype)
-    w = w.to(memory_format=fmt)
-    b = torch.randn(c_out, device=DEVICE, dtype=dtype) if conv_bias else None
-    norm = () if bn == "none" else batch_norm_tensors(c_out, torch.float32 if bn == "float32" else dtype, bn != "plain")
-    geometry = dict(stride=stride, padding=padding, dilation=dilation)
-    h_out = conv_output_size(hw[0], kernel[0], *(_pair(v)[0] for v in (stride, padding, dilation)))
-    w_out = conv_output_size(hw[1], kernel[1], *(_pair(v)[1] for v in (stride, padding, dilation)))
-    # The residual in the other layout: the epilogue must honour its strides, whatever they are.
-    r = (
-        torch.randn(n, c_out, h_out, w_out, device=DEVICE, dtype=dtype).contiguous(memory_format=_fmt(not channels_last))
-        if residual
-        else None
-    )
-
-    with resnet_fast.backend("triton", strict=True):
-        if norm:
-            out = ops.conv_bn_act(x, w, b, *norm, 1e-3, residual=r, relu=relu, **geometry)
-        else:
-            out = ops.conv_bias_act(x, w, b, residual=r, relu=relu, **geometry)
-
-    def ref(cast):
-        norm_args = [None if t is None else cast(t) for t in norm] if norm else [None] * 4
-        return reference.conv_bn_act(
-            cast(x), cast(w), None if b is None else cast(b), *norm_args, 1e-3, _pair(stride), _pair(padding),
-            _pair(dilation), 1, None if r is None else cast(r), relu,
-        )
-
-    ref64 = ref(torch.Tensor.double)
-    assert out.shape == ref64.shape and out.dtype == dtype
-    fmt = layout.conv_output_format(x, w)
-    assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()} are not {fmt}"
-    err = rel_err(out, ref64)
-    if dtype == torch.float32:
-        assert err <= FP32_TOL, err
-    else:
-        tol = lowp_tolerance(dtype, ref(lambda t: t), ref64)
-        if dtype == torch.bfloat16:
-            tol += BF16_INTERPRETER_ULP
-        assert err <= tol, (err, tol)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
 
 # Every (kernel, stride, dilation) geometry with every channel count; the remaining dimensions
 # (layout, dtype, residual, ReLU, C_out parity, padding, BatchNorm) rotate through the cases so each value
@@ -140,7 +51,7 @@ for i, ((k, s, d), c_in) in enumerate(itertools.product(_GEOMETRIES, _C_IN)):
 
 @pytest.mark.parametrize("c_in,c_out,k,stride,pad,dil,dtype,channels_last,residual,relu,bn,conv_bias", _SWEEP)
 def test_conv_sweep(c_in, c_out, k, stride, pad, dil, dtype, channels_last, residual, relu, bn, conv_bias):
-    _check_conv(2, c_in, c_out, (9, 8), (k, k), stride, pad, dil, dtype, channels_last, residual, relu, bn, conv_bias)
+    check_conv(2, c_in, c_out, (9, 8), (k, k), stride, pad, dil, dtype, channels_last, residual, relu, bn, conv_bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -149,7 +60,7 @@ def test_conv_sweep(c_in, c_out, k, stride, pad, dil, dtype, channels_last, resi
 @pytest.mark.parametrize("relu", [False, True])
 def test_conv_epilogue_and_layouts(dtype, channels_last, residual, relu):
     """The full product of the epilogue options and layouts on one 3x3 conv (C_in not a multiple of 16)."""
-    _check_conv(1, 20, 9, (6, 7), (3, 3), 1, 1, 1, dtype, channels_last, residual, relu)
+    check_conv(1, 20, 9, (6, 7), (3, 3), 1, 1, 1, dtype, channels_last, residual, relu)
 
 
 @pytest.mark.parametrize(
@@ -165,13 +76,13 @@ def test_conv_epilogue_and_layouts(dtype, channels_last, residual, relu):
     ],
 )
 def test_conv_odd_geometry(c_in, kernel, stride, padding, dilation, hw):
-    _check_conv(3, c_in, 33, hw, kernel, stride, padding, dilation, torch.float32, True, True, True)
+    check_conv(3, c_in, 33, hw, kernel, stride, padding, dilation, torch.float32, True, True, True)
 
 
 @pytest.mark.parametrize("c_in,k,stride,pad", [(16, 3, 1, 1), (3, 7, 2, 3)])
 def test_conv_bfloat16(c_in, k, stride, pad):
     """bf16 runs in the interpreter too (operands upcast for tl.dot there); fully checked on GPU below."""
-    _check_conv(2, c_in, 12, (9, 8), (k, k), stride, pad, 1, torch.bfloat16, True, True, True)
+    check_conv(2, c_in, 12, (9, 8), (k, k), stride, pad, 1, torch.bfloat16, True, True, True)
 
 
 def test_conv_without_bias_and_with_strided_views():
@@ -368,7 +279,7 @@ RESNET50_CONVS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c_in,c_out,k,stride,size,residual,relu", RESNET50_CONVS)
 def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype):
-    _check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu)
+    check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu)
 
 
 @requires_cuda
