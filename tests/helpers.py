@@ -1,6 +1,10 @@
 """Model builders and the convolution parity check shared by the tests."""
 import collections
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,3 +123,27 @@ def check_conv(
             tol += BF16_INTERPRETER_ULP
         assert err <= tol, (err, tol)
     return served
+
+
+# ---------------------------------------------------------------- compiling kernels without a GPU
+
+# Shared memory one block may use: A100 (sm_80) 163 KB, Ada (sm_89: L4, RTX 40xx) 99 KB, Hopper 227 KB.
+SHARED_MEMORY = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def compile_kernels(specs: list[dict]) -> list[dict]:
+    """Compiles each spec for its architecture in a process without ``TRITON_INTERPRET``; what each
+    machine code uses, as ``tests/compile_kernels.py`` describes."""
+    pytest.importorskip("triton.backends.nvidia")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, os.path.join(here, "compile_kernels.py"), json.dumps(specs)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def descriptor_type(dtype: str, block_shape: list[int]) -> str:
+    """The signature type of a host ``TensorDescriptor`` argument with this element type and box."""
+    return f"tensordesc<{dtype}[{', '.join(map(str, block_shape))}]>"
