@@ -151,7 +151,8 @@ def _sweep_cases(count: int, seed: int) -> list:
             padding=padding, dilation=dilation, dtype=rng.choice([F32, F16, F16, BF16]),
             channels_last=tma or rng.random() < 0.7,
             residual=rng.choice(["none", "channels_last"] + ([] if tma else ["nchw"])),
-            relu=rng.random() < 0.5, bn=rng.choice(["none", "affine", "plain", "float32"]), conv_bias=rng.random() < 0.5,
+            relu=rng.random() < 0.5, bn=rng.choice(["none", "affine", "plain", "float32"]),
+            conv_bias=rng.random() < 0.5,
         )
         case_id = (f"{len(cases)}-{case['forced']}-{case['n']}x{case['c_in']}to{case['c_out']}-{hw[0]}x{hw[1]}"
                    f"-k{kernel[0]}{kernel[1]}s{stride[0]}{stride[1]}p{padding[0]}d{dilation}")

@@ -22,7 +22,8 @@ import triton.language as tl
 
 __all__ = [
     "AUTOTUNE", "INTERPRET", "SHARED_MEMORY", "accumulate", "channel_vector", "configured",
-    "descriptor_unsupported_reason", "fits", "grouped_tile", "input_precision", "nhwc", "weight_matrix",
+    "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits", "grouped_tile", "input_precision", "nhwc",
+    "set_output_boxes", "tile_config", "weight_matrix",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -73,6 +74,11 @@ def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The ``PRECISION`` and ``UPCAST`` arguments of :func:`accumulate` for operands of this dtype."""
+    return {"PRECISION": input_precision(dtype), "UPCAST": INTERPRET and dtype == torch.bfloat16}
+
+
 def configured(
     kernel: triton.JITFunction,
     *,
@@ -102,6 +108,22 @@ def configured(
 
 
 # ------------------------------------------------------------------------- tensor descriptors (TMA)
+
+ROW_BYTES = 128  # a K block of the TMA families: one 128-byte (swizzle-wide) row of channels per pixel
+
+
+def tile_config(block_m: int, block_n: int, stages: int, warps: int,
+                set_block_shapes: Callable[[dict], None]) -> triton.Config:
+    """A ``BLOCK_M x BLOCK_N`` config whose pre_hook gives the launch's descriptors their boxes."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, num_stages=stages,
+                         num_warps=warps, pre_hook=set_block_shapes)
+
+
+def set_output_boxes(nargs: dict, box: list[int]) -> None:
+    """The residual's (if any) and the output's descriptor boxes: the output tile."""
+    for name in ("r_desc", "y_desc"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = box
 
 
 def _descriptor_ready(t: torch.Tensor) -> bool:

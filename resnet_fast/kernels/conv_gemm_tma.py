@@ -29,7 +29,6 @@ from resnet_fast.ops import layout
 
 __all__ = ["conv_bn_act", "unsupported_reason"]
 
-_ROW_BYTES = 128  # a K block is one 128-byte (swizzle-wide) row of channels per pixel
 _INTERPRETER_PROGRAMS = 3  # few programs, several tiles each: the persistent loop runs under test
 
 
@@ -38,25 +37,19 @@ def _set_block_shapes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    for name in ("r_desc", "y_desc"):
-        if nargs[name] is not None:
-            nargs[name].block_shape = [bm, bn]
-
-
-def _config(block_m: int, block_n: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, num_stages=stages,
-                         num_warps=warps, pre_hook=_set_block_shapes)
+    conv_common.set_output_boxes(nargs, [bm, bn])
 
 
 _GPU_CONFIGS = [
-    _config(*c)
+    conv_common.tile_config(*c, _set_block_shapes)
     for c in [
         (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4),
         (64, 64, 5, 4),
     ]
 ]  # fmt: skip
-_FIXED_GPU_CONFIG = _config(128, 64, 3, 4)  # fits every dtype without spilling
-_INTERPRETER_CONFIG = _config(64, 32, 1, 4)
+# RESNET_FAST_AUTOTUNE=0: one config that fits every dtype without spilling.
+_FIXED_GPU_CONFIG = conv_common.tile_config(128, 64, 3, 4, _set_block_shapes)
+_INTERPRETER_CONFIG = conv_common.tile_config(64, 32, 1, 4, _set_block_shapes)
 
 
 def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
@@ -130,7 +123,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
 
 def _block_k(c_in: int, itemsize: int) -> int:
     """Channels per K block: a 128-byte row, no wider than C_in needs (tl.dot's minimum is 16)."""
-    return min(_ROW_BYTES // itemsize, max(16, triton.next_power_of_2(c_in)))
+    return min(conv_common.ROW_BYTES // itemsize, max(16, triton.next_power_of_2(c_in)))
 
 
 def unsupported_reason(
@@ -218,11 +211,10 @@ def conv_bn_act(
         _launch(
             grid,
             x_desc, w_desc, r_desc, y_desc,
-            *(conv_common.channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)),
+            *map(conv_common.channel_vector, (bias, bn_weight, bn_bias, running_mean, running_var)),
             eps,
             m, c_in, c_out, programs,
-            RELU=relu, PRECISION=conv_common.input_precision(x.dtype),
-            UPCAST=conv_common.INTERPRET and x.dtype == torch.bfloat16,
+            RELU=relu, **conv_common.dot_flags(x.dtype),
             BLOCK_K=_block_k(c_in, x.element_size()),
         )
     return y

@@ -36,7 +36,6 @@ from resnet_fast.ops.layout import conv_output_size
 __all__ = ["conv_bn_act", "patch_shape", "unsupported_reason"]
 
 _MAX_PATCH = 64  # pixels of one image per tile: the smallest BLOCK_M, so every config takes whole patches
-_ROW_BYTES = 128  # a K block is one 128-byte (swizzle-wide) row of channels per pixel
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -45,27 +44,21 @@ def _set_block_shapes(nargs: dict) -> None:
     pn = nargs["BLOCK_M"] // (ph * pw)
     nargs["x_desc"].block_shape = [pn, ph, 1, pw, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    for name in ("r_desc", "y_desc"):
-        if nargs[name] is not None:
-            nargs[name].block_shape = [pn, ph, pw, bn]
-
-
-def _config(block_m: int, block_n: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, num_stages=stages,
-                         num_warps=warps, pre_hook=_set_block_shapes)
+    conv_common.set_output_boxes(nargs, [pn, ph, pw, bn])
 
 
 # (pixels, output channels, stages, warps). The output channels are wgmma's M side (64 rows per
 # warpgroup), the pixels its N side (up to 256).
 _GPU_CONFIGS = [
-    _config(*c)
+    conv_common.tile_config(*c, _set_block_shapes)
     for c in [
         (256, 128, 3, 8), (128, 256, 3, 8), (128, 128, 4, 8), (128, 128, 4, 4), (256, 64, 4, 4), (128, 64, 4, 4),
         (64, 128, 4, 4), (64, 64, 5, 4),
     ]
 ]  # fmt: skip
-_FIXED_GPU_CONFIG = _config(128, 64, 3, 4)  # fits every dtype without spilling
-_INTERPRETER_CONFIG = _config(64, 32, 1, 4)
+# RESNET_FAST_AUTOTUNE=0: one config that fits every dtype without spilling.
+_FIXED_GPU_CONFIG = conv_common.tile_config(128, 64, 3, 4, _set_block_shapes)
+_INTERPRETER_CONFIG = conv_common.tile_config(64, 32, 1, 4, _set_block_shapes)
 
 
 def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
@@ -169,7 +162,7 @@ def patch_shape(n: int, h_out: int, w_out: int) -> tuple[int, int]:
 def _block_k(c_in: int, itemsize: int) -> int | None:
     """Channels per K block: a 128-byte row of them, dividing C_in so that a weight box never reaches the
     next tap (and the phase view's column phases, packed along channels, stay apart); tl.dot needs 16."""
-    block_k = min(_ROW_BYTES // itemsize, c_in & -c_in)
+    block_k = min(conv_common.ROW_BYTES // itemsize, c_in & -c_in)
     return block_k if block_k >= 16 else None
 
 
@@ -261,12 +254,11 @@ def conv_bn_act(
         _launch(
             grid,
             x_phases, w_desc, r_desc, y_desc,
-            *(conv_common.channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)),
+            *map(conv_common.channel_vector, (bias, bn_weight, bn_bias, running_mean, running_var)),
             eps,
             n, h_out, w_out, c_in, c_out,
             *stride, *padding, *dilation,
-            KH=kh, KW=kw, RELU=relu, PRECISION=conv_common.input_precision(x.dtype),
-            UPCAST=conv_common.INTERPRET and x.dtype == torch.bfloat16,
+            KH=kh, KW=kw, RELU=relu, **conv_common.dot_flags(x.dtype),
             PATCH_H=ph, PATCH_W=pw, BLOCK_K=_block_k(c_in, x.element_size()),
         )
     return y
