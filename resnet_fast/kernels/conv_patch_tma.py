@@ -1,11 +1,14 @@
 """Fused convolution over spatial patches with tensor descriptors (TMA): any kernel size, stride, padding
-and dilation on NHWC activations whose channels fill 16-byte rows (Hopper and newer, or the interpreter).
+and dilation on channels_last activations with C_in a multiple of 16 (Hopper and newer, or the
+interpreter).
 
 The output is tiled as patches of ``PATCH_N x PATCH_H x PATCH_W`` pixels (several images for small
-maps) by ``BLOCK_N`` output channels: a GEMM tile of ``BLOCK_M = PATCH_N * PATCH_H * PATCH_W`` rows. For
-each tap (r, t) and channel block, the A tile is one box of x loaded at shifted coordinates: the tensor
-memory accelerator computes the addresses and fills what lies outside the image (padding, negative
-coordinates included) with zeros, so the main loop has no masks and no address arithmetic per pixel.
+maps) by ``BLOCK_N`` output channels: a GEMM tile of ``BLOCK_M = PATCH_N * PATCH_H * PATCH_W`` pixels.
+For each tap (r, t) and channel block, the pixels' operand is one box of x loaded at shifted
+coordinates: the tensor memory accelerator computes the addresses and fills what lies outside the image
+(padding, negative coordinates included) with zeros, so the main loop has no masks and no address
+arithmetic per pixel. The host picks the patch's spatial shape per call (:func:`patch_shape`: the least
+padding waste), the autotuner the number of pixels (so of images) per tile.
 
 Stride: input row ``s*oh + r*d - p`` is row ``oh + q`` of the phase ``x[:, ph::s]`` where
 ``r*d - p = s*q + ph`` and ``0 <= ph < s`` (DESIGN-TMA.md). One descriptor covers every phase: x's NHWC
@@ -14,9 +17,10 @@ column phase selects a block of ``C`` channels in the last dimension; every tap 
 That view is exact when s_h divides H and s_w divides W (true of every ResNet downsample); other maps
 go to the gather kernel. The strided 1x1 downsample is the single-tap case: a GEMM over ``x[:, ::2, ::2]``.
 
-The weight is read as ``[C_out, kH, kW, C_in]`` (channels_last) boxes, the residual and the output as
-``[N, H_out, W_out, C_out]`` boxes of the same patch; the shared epilogue (BatchNorm scale and shift from
-the live tensors, bias, residual, ReLU) runs on the float32 accumulator before the cast and the store.
+The weight is read from its channels_last memory as the matrix ``[C_out, kH*kW*C_in]`` (a K block never
+crosses a tap: BLOCK_K divides C_in), the residual and the output as ``[N, H_out, W_out, C_out]`` boxes
+of the tile's patch. The shared epilogue (BatchNorm scale and shift from the live tensors, bias,
+residual, ReLU) runs on the float32 accumulator before the cast and the descriptor store.
 """
 
 from __future__ import annotations
@@ -210,10 +214,10 @@ def conv_bn_act(
     Arguments are those of :func:`resnet_fast.ops.reference.conv_bn_act`, already validated.
 
     Args:
-        x: ``[N, C_in, H, W]`` float32/float16/bfloat16, channels_last (``[N, H, W, C_in]`` in memory; any
-            row and image strides) with ``C_in * itemsize`` a multiple of 16 bytes and H, W divisible by
-            the stride.
-        weight: ``[C_out, C_in, kH, kW]`` in x's dtype, channels_last (``[C_out, kH, kW, C_in]`` in memory).
+        x: ``[N, C_in, H, W]`` float32/float16/bfloat16, channels_last (``[N, H, W, C_in]`` in memory, 16-byte
+            aligned; any row and image strides, pixels packed under a column stride) with C_in a multiple
+            of 16 and H, W divisible by the stride.
+        weight: ``[C_out, C_in, kH, kW]`` in x's dtype, dense channels_last (``[C_out, kH, kW, C_in]``).
         bias, bn_weight, bn_bias, running_mean, running_var: ``[C_out]`` or None (no BatchNorm without
             ``running_var``); any floating dtype, read as float32.
         stride, padding, dilation: (h, w) pairs.
@@ -221,7 +225,8 @@ def conv_bn_act(
         residual: ``[N, C_out, H_out, W_out]`` dense channels_last, or None.
         relu: apply ReLU after the residual add.
     Returns:
-        ``[N, C_out, H_out, W_out]`` in x's dtype, channels_last.
+        ``[N, C_out, H_out, W_out]`` in x's dtype, channels_last (``C_out * itemsize`` must be a multiple
+        of 16 bytes).
     Raises:
         Unsupported: before any launch, for calls outside the above (:func:`unsupported_reason`).
     """
