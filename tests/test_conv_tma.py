@@ -22,8 +22,9 @@ from resnet_fast import backends, ops
 from resnet_fast.ops import layout
 from resnet_fast.ops.layout import conv_output_size
 
+from conftest import requires_cuda
 from helpers import (  # noqa: F401 (poisoned_outputs: an autouse fixture)
-    DEVICE, SHARED_MEMORY, check_conv, compile_kernels, descriptor_type, poisoned_outputs,
+    DEVICE, RESNET50_CONVS, SHARED_MEMORY, check_conv, compile_kernels, descriptor_type, poisoned_outputs,
 )
 
 pytest.importorskip("triton")
@@ -105,6 +106,20 @@ def test_gemm_tma_parity(case, family, force):
     force("tma" if family == "gemm_tma" else family)
     want = family if family == "gemm_tma" or case[1] % 16 == 0 else "gather"
     assert _run(case, channels_last=True, residual_channels_last=True) == {want: 1}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("c_in,c_out,k,stride,size,residual,relu", RESNET50_CONVS)
+def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype, force):
+    """Every ResNet-50 convolution with TMA forced, on the real kernels: each but the stem on its TMA
+    family on Hopper, all on gather before Hopper."""
+    force("tma")
+    served = check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu,
+                        residual_channels_last=True)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    family = "gemm_tma" if (k, stride) == (1, 1) else "patch_tma"
+    assert served == {family if hopper and c_in != 3 else "gather": 1}
 
 
 # ---------------------------------------------------------------- the seeded sweep through the dispatcher

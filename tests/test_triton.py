@@ -24,7 +24,8 @@ from resnet_fast.testing import randomize_batch_norm
 
 from conftest import lowp_tolerance, rel_err, requires_cuda
 from helpers import (  # noqa: F401 (poisoned_outputs: an autouse fixture)
-    DEVICE, FP32_TOL, SHARED_MEMORY, batch_norm_tensors, check_conv, compile_kernels, poisoned_outputs,
+    DEVICE, FP32_TOL, RESNET50_CONVS, SHARED_MEMORY, batch_norm_tensors, check_conv, compile_kernels,
+    poisoned_outputs,
 )
 
 pytest.importorskip("triton")
@@ -263,20 +264,6 @@ def test_autotune_pruning(dtype, c_out):
 
 # ---------------------------------------------------------------- GPU only
 
-# Every distinct ResNet-50 convolution with the epilogue it runs with in the network:
-# (C_in, C_out, kernel, stride, input size, residual, relu). The block's last 1x1 adds the residual
-# and applies ReLU; the strided downsample 1x1 has neither; the others apply ReLU.
-RESNET50_CONVS = [
-    (3, 64, 7, 2, 224, False, True),
-    (64, 64, 1, 1, 56, False, True), (64, 64, 3, 1, 56, False, True), (64, 256, 1, 1, 56, True, True),
-    (256, 64, 1, 1, 56, False, True),
-    (256, 128, 1, 1, 56, False, True), (128, 128, 3, 2, 56, False, True), (128, 512, 1, 1, 28, True, True),
-    (256, 512, 1, 2, 56, False, False), (512, 128, 1, 1, 28, False, True), (128, 128, 3, 1, 28, False, True),
-    (512, 256, 1, 1, 28, False, True), (256, 256, 3, 2, 28, False, True), (256, 1024, 1, 1, 14, True, True),
-    (512, 1024, 1, 2, 28, False, False), (1024, 256, 1, 1, 14, False, True), (256, 256, 3, 1, 14, False, True),
-    (1024, 512, 1, 1, 14, False, True), (512, 512, 3, 2, 14, False, True), (512, 2048, 1, 1, 7, True, True),
-    (1024, 2048, 1, 2, 14, False, False), (2048, 512, 1, 1, 7, False, True), (512, 512, 3, 1, 7, False, True),
-]  # fmt: skip
 
 
 @requires_cuda
