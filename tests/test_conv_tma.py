@@ -337,15 +337,15 @@ def _descriptor(dtype: torch.dtype) -> TensorDescriptor:
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])
 @pytest.mark.parametrize("residual", [False, True])
 def test_pruned_configs_fit(dtype, residual):
-    """Autotuning only times configs that fit Hopper's shared memory (with the epilogue's tiles where the
-    kernel keeps them apart) and the problem; at least one always remains."""
+    """Autotuning only times configs that fit Hopper's shared memory (with the output and residual tiles,
+    residual or not, where the kernel keeps them apart) and the problem; at least one always remains."""
     y = _descriptor(dtype)
     block_k = 128 // dtype.itemsize
     gemm = conv_gemm_tma._prune_configs(conv_gemm_tma._GPU_CONFIGS, {"y_desc": y, "r_desc": y if residual else None,
                                                                      "C_out": 2048}, BLOCK_K=block_k)
     patch = conv_patch_tma._prune_configs(conv_patch_tma._GPU_CONFIGS, {"y_desc": y, "C_out": 64, "N": 2},
                                           PATCH_H=8, PATCH_W=8, BLOCK_K=block_k)
-    for kept, tiles in ((gemm, 2 if residual else 1), (patch, 0)):
+    for kept, tiles in ((gemm, 2), (patch, 0)):
         assert kept
         for c in kept:
             m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -375,25 +375,26 @@ def _gemm_spec(dtype: str, config, residual: bool) -> dict:
                      dict(x_desc=[bm, bk], w_desc=[bn, bk], r_desc=[bm, bn] if residual else None, y_desc=[bm, bn]))
 
 
-def _patch_spec(dtype: str, config, kernel: int, patch: tuple[int, int]) -> dict:
+def _patch_spec(dtype: str, config, kernel: int, patch: tuple[int, int], residual: bool = True) -> dict:
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], 128 * 8 // int(dtype[2:])
     images = bm // (patch[0] * patch[1])
     box = [images, *patch, bn]
     return _tma_spec("resnet_fast.kernels.conv_patch_tma:_conv_patch_kernel", dtype, config,
                      dict(BLOCK_K=bk, KH=kernel, KW=kernel, PATCH_H=patch[0], PATCH_W=patch[1]),
-                     dict(x_desc=[images, patch[0], 1, patch[1], bk], w_desc=[bn, bk], r_desc=box, y_desc=box))
+                     dict(x_desc=[images, patch[0], 1, patch[1], bk], w_desc=[bn, bk], r_desc=box if residual else None,
+                          y_desc=box))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 def test_tma_kernels_compile_for_hopper():
-    """Every bf16 autotune config of both families (the GEMM without a residual, so that its widest tiles
-    are kept; the 3x3 patch kernel with one) and each family's fixed config in fp32 (tf32) with a
-    residual compile for sm_90 within shared memory, with the main loop on the bulk tensor copy
-    (``cp.async.bulk.tensor``) and wgmma, and nothing spilled to local memory."""
-    specs = [_gemm_spec("bf16", c, residual=False) for c in conv_gemm_tma._GPU_CONFIGS]
+    """Every bf16 autotune config of both families (with a residual) and each family's fixed config in
+    fp32 (tf32; the GEMM with a residual, the strided 1x1 patch kernel without) compile for sm_90 within
+    shared memory, with the main loop on the bulk tensor copy (``cp.async.bulk.tensor``) and wgmma, and
+    nothing spilled to local memory."""
+    specs = [_gemm_spec("bf16", c, residual=True) for c in conv_gemm_tma._GPU_CONFIGS]
     specs += [_patch_spec("bf16", c, 3, (4, 4)) for c in conv_patch_tma._GPU_CONFIGS]
     specs += [_gemm_spec("fp32", conv_gemm_tma._FIXED_GPU_CONFIG, residual=True),
-              _patch_spec("fp32", conv_patch_tma._FIXED_GPU_CONFIG, 1, (8, 8))]
+              _patch_spec("fp32", conv_patch_tma._FIXED_GPU_CONFIG, 1, (8, 8), residual=False)]
     for spec, got in zip(specs, compile_kernels(specs)):
         where = (spec["kernel"], spec["constants"]["BLOCK_M"], spec["constants"]["BLOCK_N"], spec["num_warps"], got)
         assert got["shared"] <= SHARED_MEMORY[90], where
