@@ -99,7 +99,8 @@ def _conv1x1_gemm_kernel(
 _launch = conv_common.configured(
     _conv1x1_gemm_kernel,
     configs=_GPU_CONFIGS,
-    key=["M", "C_in", "C_out"],
+    # Descriptors carry no dtype the autotuner would key on: BLOCK_K (a 128-byte row) tells fp32 apart.
+    key=["M", "C_in", "C_out", "BLOCK_K"],
     prune=_prune_configs,
     fixed=_FIXED_GPU_CONFIG,
     interpreter=_INTERPRETER_CONFIG,

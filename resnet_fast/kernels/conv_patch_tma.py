@@ -138,7 +138,9 @@ def _conv_patch_kernel(
 _launch = conv_common.configured(
     _conv_patch_kernel,
     configs=_GPU_CONFIGS,
-    key=["N", "H_out", "W_out", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "PATCH_H", "PATCH_W"],
+    # Descriptors carry no dtype the autotuner would key on: BLOCK_K (a 128-byte row) tells fp32 apart.
+    key=["N", "H_out", "W_out", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "PATCH_H", "PATCH_W",
+         "BLOCK_K"],
     prune=_prune_configs,
     fixed=_FIXED_GPU_CONFIG,
     interpreter=_INTERPRETER_CONFIG,
