@@ -3,10 +3,14 @@
 * ``test_conv``: every distinct (conv shape, epilogue) of ResNet-50 -- ``resnet_fast.ops.conv_bn_act``
   (the eval-mode BatchNorm applied in the epilogue from its live tensors) on the "triton" (and "cuda",
   where it implements the op) backend, strict, so the kernel really runs -- against cuDNN's conv alone
-  (``F.conv2d``) and against what eager torchvision runs in eval mode: cuDNN conv, then separate
-  BatchNorm, residual add and ReLU kernels. Epilogues: ``relu`` (conv1/conv2
-  of a block, the stem), ``none`` (the downsample shortcut: BN only), ``add_relu`` (conv3 + BN +
-  residual + ReLU).
+  (``F.conv2d``), cuDNN's own fused conv + bias (+ residual) + ReLU over BN-folded weights
+  (``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``; the downsample, which has no
+  ReLU, ``F.conv2d`` with the folded bias), and what eager torchvision runs in eval mode: cuDNN conv,
+  then separate BatchNorm, residual add and ReLU kernels. ``rf-triton`` is the Triton backend's default
+  kernel per layer class; ``rf-triton-gather`` and ``rf-triton-tma`` force a family
+  (``RESNET_FAST_CONV_KERNEL``: gather, or the TMA family of the layer's class) and skip the shapes it
+  does not serve (the 3-channel stem under TMA). Epilogues: ``relu`` (conv1/conv2 of a block, the stem),
+  ``none`` (the downsample shortcut: BN only), ``add_relu`` (conv3 + BN + residual + ReLU).
 * ``test_add_relu``: ``ops.add_relu`` against ``torch.relu(x + y)`` at the four block-output shapes,
   forward and backward.
 * ``test_batch_norm_act``: the training BatchNorm ops (batch statistics, running-stat update,
@@ -79,13 +83,25 @@ def _conv_params():
     for s in bu.resnet50_conv_shapes():
         key = s.id().rsplit("-x", 1)[0]
         mark = pytest.mark.headline if key in HEADLINE_CONVS else pytest.mark.sweep
-        for impl in ("rf-triton", "rf-cuda", "cudnn-conv", "cudnn-conv+bn+act"):
+        for impl in ("rf-triton", "rf-triton-gather", "rf-triton-tma", "rf-cuda", "cudnn-conv", "cudnn-fused",
+                     "cudnn-conv+bn+act"):
             params.append(pytest.param(s, impl, id=f"{s.id()}-{impl}", marks=[mark]))
     return params
 
 
+def _force_family(family: str, s: bu.ConvShape, x, w, residual, monkeypatch) -> None:
+    """Forces a Triton conv kernel family for this benchmark; a skip where it would not serve the shape
+    (the dispatcher would run gather instead, which is not what the row claims to measure)."""
+    from resnet_fast.kernels import conv
+
+    monkeypatch.setenv(conv.FORCE_VARIABLE, family)
+    served = conv.kernel_for(x, w, (s.stride,) * 2, (s.pad,) * 2, (1, 1), 1, residual)
+    if family != "gather" and served == "gather":
+        pytest.skip(f"the {family} family does not serve this shape (it would run on gather)")
+
+
 @pytest.mark.parametrize("shape,impl", _conv_params())
-def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
+def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark, monkeypatch):
     s = shape
     ho = s.h_out
     benchmark.group = f"conv {s.id()}"
@@ -112,7 +128,10 @@ def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
     if impl.startswith("rf-"):
         from resnet_fast import ops
 
-        with _rf_ctx(impl[3:]):
+        backend, _, family = impl[3:].partition("-")
+        if family:
+            _force_family(family, s, sets[0][0], w, sets[0][1], monkeypatch)
+        with _rf_ctx(backend):
             def step():
                 x, r = rot.next()
                 return ops.conv_bn_act(x, w, None, gamma, beta, mean, var, stride=s.stride, padding=s.pad,
@@ -139,6 +158,22 @@ def test_conv(shape: bu.ConvShape, impl: str, measure, benchmark):
             return F.conv2d(rot.next()[0], w, None, s.stride, s.pad)
 
         measure(step, device=DEVICE, work=bu.Work(flops=flops, bytes=x_bytes + w.numel() * 2 + out_bytes))
+    elif impl == "cudnn-fused":
+        # cuDNN's fused conv + bias (+ residual) + ReLU takes a bias, not a BatchNorm: fold it (untimed).
+        scale = gamma * torch.rsqrt(var + 1e-5)
+        w_folded = (w * scale.view(-1, 1, 1, 1).to(DTYPE)).contiguous(memory_format=CL)
+        b_folded = (beta - mean * scale).to(DTYPE)
+        geometry = ((s.stride,) * 2, (s.pad,) * 2, (1, 1), 1)
+
+        def step():
+            x, r = rot.next()
+            if r is not None:
+                return torch.cudnn_convolution_add_relu(x, w_folded, r, 1.0, b_folded, *geometry)
+            if relu:
+                return torch.cudnn_convolution_relu(x, w_folded, b_folded, *geometry)
+            return F.conv2d(x, w_folded, b_folded, s.stride, s.pad)
+
+        measure(step, device=DEVICE, work=bu.Work(flops=flops, bytes=fused_bytes))
     else:  # what eager torchvision runs in eval mode
         def step():
             x, r = rot.next()

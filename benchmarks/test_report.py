@@ -96,6 +96,10 @@ def test_report_tables_from_constructed_json(tmp_path: Path):
                     median_ms=1.0, tflops=10.0), 1e-3),
         _bench(dict(kind="kernel", op="conv", shape="3x3s1-64to64-56px-relu-x3", impl="cudnn-conv+bn+act",
                     median_ms=2.0, tflops=5.0), 2e-3),
+        _bench(dict(kind="kernel", op="conv", shape="3x3s1-64to64-56px-relu-x3", impl="rf-triton-tma",
+                    median_ms=0.5, tflops=20.0), 0.5e-3),
+        _bench(dict(kind="kernel", op="conv", shape="3x3s1-64to64-56px-relu-x3", impl="cudnn-fused",
+                    median_ms=0.8, tflops=12.5), 0.8e-3),
         _bench(dict(kind="kernel", op="add_relu", shape="256ch56px", direction="fwd", impl="eager",
                     median_ms=3.0, gb_per_s=100.0), 3e-3),
         _bench(dict(kind="kernel", op="add_relu", shape="256ch56px", direction="fwd", impl="rf-cuda",
@@ -110,7 +114,10 @@ def test_report_tables_from_constructed_json(tmp_path: Path):
     assert "4.00x | 2.00x |" in text  # best rf over eager, over compile
     assert "rf-triton+graph" in text and "compile 30.0 s (default)" in text
     assert "conv_bn_act: triton 53" in text
-    assert "| 3x3s1-64to64-56px-relu-x3 | 1.000 (10) | 2.000 (5) | 2.00x | – |" in text
+    # impl columns in CONV_IMPLS order; speedups of the cuDNN variants over the best rf kernel (TMA here)
+    assert "rf-triton-tma ms (TFLOP/s) | cudnn-fused ms (TFLOP/s) |" in text
+    row = "| 3x3s1-64to64-56px-relu-x3 | 1.000 (10) | 0.500 (20) | 0.800 (12.5) | 2.000 (5) | 4.00x | 1.60x | – |"
+    assert row in text
     assert "| 256ch56px | fwd | 1.500 (200) | 3.000 (100) | 2.00x |" in text
 
 

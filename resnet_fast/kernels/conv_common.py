@@ -1,0 +1,169 @@
+"""What the convolution kernel families share besides the epilogue (:mod:`resnet_fast.kernels.epilogue`).
+
+* The environment: Triton's interpreter (``TRITON_INTERPRET=1``: CPU tensors, no autotuning, and a bf16
+  ``tl.dot`` that multiplies raw bit patterns, so operands are upcast) and ``RESNET_FAST_AUTOTUNE=0``
+  (one fixed config per family instead of timing candidates on the first call per shape).
+* :func:`accumulate`, the main loop's ``acc += a @ b`` with that upcast; :func:`grouped_tile`, the tile
+  order that keeps a weight column tile in L2 while ``GROUP_M`` row tiles use it.
+* Host side: :func:`input_precision`, :func:`channel_vector` and :func:`configured`, which launches a
+  kernel autotuned on a GPU or with a fixed config otherwise.
+* For the tensor-descriptor (TMA) families: the NHWC views their descriptors address (:func:`nhwc`,
+  :func:`weight_matrix`) and :func:`descriptor_unsupported_reason`, what every such family requires.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "AUTOTUNE", "INTERPRET", "SHARED_MEMORY", "accumulate", "channel_vector", "configured",
+    "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits", "grouped_tile", "input_precision", "nhwc",
+    "set_output_boxes", "tile_config", "weight_matrix",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("RESNET_FAST_AUTOTUNE", "1") != "0"
+SHARED_MEMORY = 227 * 1024  # per block on Hopper (H100, H200)
+
+
+@triton.jit
+def accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b with float32 accumulation (operands upcast where the interpreter needs it)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of linear tile ``tile``: GROUP_M consecutive row tiles per weight column tile."""
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
+    pid_n = (tile % (GROUP_M * num_n)) // group_size
+    return pid_m, pid_n
+
+
+def fits(config: triton.Config, block_k: int, itemsize: int, epilogue_tiles: int) -> bool:
+    """Whether a ``BLOCK_M x BLOCK_N`` config fits a Hopper multiprocessor: ``num_stages`` A and B blocks
+    of ``block_k`` channels plus ``epilogue_tiles`` output-sized tiles in shared memory, and an accumulator
+    that leaves registers to spare (with float32 operands, tf32 wgmma spills past 64 accumulators a
+    thread: checked with ptxas for sm_90)."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    shared = itemsize * (config.num_stages * (bm + bn) * block_k + epilogue_tiles * bm * bn)
+    accumulators = bm * bn // (32 * config.num_warps)
+    return shared <= SHARED_MEMORY and accumulators <= (64 if itemsize == 4 else 128)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only where torch allows it for matmuls; exact products otherwise."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel vector the epilogue indexes with unit stride (a copy only for strided views)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The ``PRECISION`` and ``UPCAST`` arguments of :func:`accumulate` for operands of this dtype."""
+    return {"PRECISION": input_precision(dtype), "UPCAST": INTERPRET and dtype == torch.bfloat16}
+
+
+def configured(
+    kernel: triton.JITFunction,
+    *,
+    configs: list[triton.Config],
+    key: list[str],
+    prune: Callable[..., list[triton.Config]],
+    fixed: triton.Config,
+    interpreter: triton.Config,
+) -> Callable[..., None]:
+    """``launch(grid_for, *args, **kwargs)`` for ``kernel``: autotuned over ``configs`` on a GPU, ``fixed``
+    with ``RESNET_FAST_AUTOTUNE=0`` and ``interpreter`` under the interpreter. A config's ``pre_hook``
+    (e.g. setting tensor descriptors' block shapes) runs before every launch with that config, autotuned
+    or not; ``grid_for`` gets the launch's keyword arguments and the config's."""
+    tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+    def launch(grid_for: Callable[[dict], tuple[int, ...]], *args, **kwargs) -> None:
+        if AUTOTUNE and not INTERPRET:
+            tuned[grid_for](*args, **kwargs)
+            return
+        cfg = interpreter if INTERPRET else fixed
+        meta = {**dict(zip(kernel.arg_names, args)), **kwargs, **cfg.kwargs}
+        if cfg.pre_hook is not None:
+            cfg.pre_hook(meta)
+        kernel[grid_for(meta)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    return launch
+
+
+# ------------------------------------------------------------------------- tensor descriptors (TMA)
+
+ROW_BYTES = 128  # a K block of the TMA families: one 128-byte (swizzle-wide) row of channels per pixel
+
+
+def tile_config(block_m: int, block_n: int, stages: int, warps: int,
+                set_block_shapes: Callable[[dict], None]) -> triton.Config:
+    """A ``BLOCK_M x BLOCK_N`` config whose pre_hook gives the launch's descriptors their boxes."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, num_stages=stages,
+                         num_warps=warps, pre_hook=set_block_shapes)
+
+
+def set_output_boxes(nargs: dict, box: list[int]) -> None:
+    """The residual's (if any) and the output's descriptor boxes: the output tile."""
+    for name in ("r_desc", "y_desc"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = box
+
+
+def _descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address ``t``: unit last stride, 16-byte aligned base and strides."""
+    item = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * item % 16 == 0 for s in t.stride()[:-1])
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor | None:
+    """The ``[N, H, W, C]`` view of a 4-D tensor if a descriptor can address it (channels_last with
+    16-byte aligned rows of channels, any row and image strides), else None."""
+    v = t.permute(0, 2, 3, 1)
+    return v if _descriptor_ready(v) else None
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor | None:
+    """The ``[C_out, kH * kW * C_in]`` view of a channels_last weight (column ``(r * kW + s) * C_in + c``
+    holds tap (r, s), channel c) if a descriptor can address it, else None."""
+    try:
+        m = weight.permute(0, 2, 3, 1).view(weight.shape[0], -1)
+    except RuntimeError:  # the taps and channels of an output channel are not one run of memory
+        return None
+    return m if _descriptor_ready(m) else None
+
+
+def descriptor_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, groups: int,
+                                  residual: torch.Tensor | None) -> str | None:
+    """What every tensor-descriptor family requires, or None: Hopper or newer (or the interpreter),
+    channels_last x and weight with 16-byte rows of channels, 16-byte output rows, a residual laid out
+    as the output (dense channels_last)."""
+    if groups != 1:
+        return f"grouped convolution (groups={groups})"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return "tensor descriptors (TMA) need compute capability 9.0 or newer"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype}"
+    if nhwc(x) is None or weight_matrix(weight) is None:
+        return "x and the weight must be channels_last with 16-byte aligned rows of channels"
+    if weight.shape[0] * x.element_size() % 16:
+        return f"{weight.shape[0]} output channels are not a 16-byte row"
+    if residual is not None and (nhwc(residual) is None or not residual.permute(0, 2, 3, 1).is_contiguous()):
+        return "the residual must be dense channels_last"
+    return None
