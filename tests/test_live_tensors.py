@@ -12,7 +12,6 @@ import torch
 import torchvision
 from torch import nn
 
-import resnet_fast
 from resnet_fast.testing import randomize_batch_norm
 from conftest import rel_err
 from helpers import model_pair

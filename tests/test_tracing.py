@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from torchvision.ops.misc import FrozenBatchNorm2d

@@ -1,5 +1,4 @@
 """adapt_input_channels, GrayToRGB, freeze/unfreeze, param_groups, and loading pretrained weights."""
-import warnings
 
 import pytest
 import torch

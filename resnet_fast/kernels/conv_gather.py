@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from resnet_fast.backends import Unsupported
+from resnet_fast.kernels.conv_common import (
+    SHARED_MEMORY, accumulate, channel_vector, configured, dot_flags, grouped_tile,
+)
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
 from resnet_fast.ops.layout import conv_output_size
-
-# Triton's interpreter runs kernels on CPU tensors with numpy: benchmarking (autotune) needs a GPU
-# there, and its bf16 tl.dot multiplies raw bit patterns, so operands are upcast to float32.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Tile shapes for the GPU autotuner, from wide (large layers) to narrow (few output channels or pixels).
 _GPU_CONFIGS = [
@@ -53,9 +51,7 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)
 # RESNET_FAST_AUTOTUNE=0: one config that fits shared memory in every dtype, instead of compiling and
 # timing each candidate on the first call per shape (quick first calls, e.g. for correctness tests).
-_AUTOTUNE = os.environ.get("RESNET_FAST_AUTOTUNE", "1") != "0"
 _FIXED_GPU_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
-_SHARED_MEMORY = 227 * 1024  # per block on Hopper (H100, H200)
 _SMALL_M = 4096  # output pixels under which tiles shorter than 64 rows, and split-K, are considered
 
 
@@ -70,21 +66,12 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     kept = [
         c
         for c in configs
-        if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages <= _SHARED_MEMORY
+        if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages <= SHARED_MEMORY
         and c.kwargs["BLOCK_N"] <= widest
         and c.kwargs["BLOCK_M"] <= tallest
         and (c.kwargs["BLOCK_M"] >= 64 or nargs["M"] <= _SMALL_M)
     ]
     return kept or configs[-1:]
-
-
-@triton.jit
-def _accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b with float32 accumulation."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -134,18 +121,10 @@ def _conv_gather_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_out, BLOCK_N), GROUP_M)
     # Split-K: program pid_k takes every SPLIT_K-th block of the reduction (interleaved, so each split
     # sees every tap), and writes its float32 partial sum for _split_k_reduce_kernel.
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(C_out, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
 
     # Output pixel m = (n, oh, ow). Activation offsets are int64: a batch (even one NCHW image) may
     # exceed 2^31 elements; weight offsets stay int32.
@@ -179,7 +158,7 @@ def _conv_gather_kernel(
             )
             w_tap = r * sw_h + s * sw_w + c * sw_c
             b = tl.load(w_col[None, :] + w_tap[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _accumulate(a, b, acc, PRECISION, UPCAST)
+            acc = accumulate(a, b, acc, PRECISION, UPCAST)
     else:
         # Each K block is one tap (r, s) and one channel block, so the spatial mask and row addresses
         # stay per pixel. One flat loop over (tap, channel block) rather than nested loops: the
@@ -198,7 +177,7 @@ def _conv_gather_kernel(
             a = tl.load(x_pix[:, None] + c[None, :].to(tl.int64) * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
             w_tap = w_col + r * sw_h + s * sw_w
             b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = _accumulate(a, b, acc, PRECISION, UPCAST)
+            acc = accumulate(a, b, acc, PRECISION, UPCAST)
 
     if SPLIT_K == 1:
         _epilogue_store(
@@ -232,26 +211,14 @@ def _split_k_reduce_kernel(
     )
 
 
-_kernel = (
-    _conv_gather_kernel
-    if _INTERPRET or not _AUTOTUNE
-    else triton.autotune(
-        _GPU_CONFIGS,
-        key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w", "SPLIT_K"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_conv_gather_kernel)
+_launch = configured(
+    _conv_gather_kernel,
+    configs=_GPU_CONFIGS,
+    key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w", "SPLIT_K"],
+    prune=_prune_configs,
+    fixed=_FIXED_GPU_CONFIG,
+    interpreter=_INTERPRETER_CONFIG,
 )
-
-
-def _launch(grid_for: Callable[[dict], tuple[int, int]], *args, **kwargs) -> None:
-    """Launches the kernel: autotuned on a GPU unless RESNET_FAST_AUTOTUNE=0, else with a fixed config."""
-    if _INTERPRET or not _AUTOTUNE:
-        cfg = _INTERPRETER_CONFIG if _INTERPRET else _FIXED_GPU_CONFIG
-        _kernel[grid_for(cfg.kwargs)](
-            *args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        )
-    else:
-        _kernel[grid_for](*args, **kwargs)
 
 
 # Split-K: a layer whose output tiles cannot fill the GPU (batch 1: layer4 has 49 output pixels) splits
@@ -294,18 +261,6 @@ def _split_k_for(x: torch.Tensor, m: int, c_out: int, k_blocks: int) -> int:
 def _workspace(split: int, m: int, c_out: int, device: torch.device) -> torch.Tensor:
     """The float32 partial sums of a split-K launch, ``[split, M, C_out]`` (one function: tests poison it)."""
     return torch.empty((split, m, c_out), dtype=torch.float32, device=device)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only where torch allows it for matmuls; exact products otherwise."""
-    if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A per-channel vector the epilogue indexes with unit stride (a copy only for strided views)."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def conv_bn_act(
@@ -355,7 +310,7 @@ def conv_bn_act(
     if m == 0 or c_out == 0:
         return y
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    channel = [_channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)]
+    channel = [channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)]
     split = _split_k_for(x, m, c_out, kh * kw * triton.cdiv(c_in, 64))
     workspace = _workspace(split, m, c_out, x.device) if split > 1 else None
 
@@ -371,8 +326,7 @@ def conv_bn_act(
             m, c_in, h, w, c_out, h_out, w_out,
             *stride, *padding, *dilation,
             *x.stride(), *weight.stride(), *r_strides, *y.stride(),
-            KH=kh, KW=kw, RELU=relu, PRECISION=_input_precision(x.dtype),
-            UPCAST=_INTERPRET and x.dtype == torch.bfloat16, SPLIT_K=split,
+            KH=kh, KW=kw, RELU=relu, SPLIT_K=split, **dot_flags(x.dtype),
         )
         if split > 1:
             reduce_grid = (triton.cdiv(m, _REDUCE_BLOCK["BLOCK_M"]), triton.cdiv(c_out, _REDUCE_BLOCK["BLOCK_N"]))
