@@ -262,16 +262,19 @@ def _gather_spec(arch: int, dtype: str, kh: int, flat: bool, bm: int, bn: int, b
 def test_gather_compiles(arch):
     """Every config compiles and fits the architecture's shared memory with all its pipeline stages; the
     main loop is cp.async-pipelined tensor-core MMA (except exact fp32): wgmma on Hopper (mma.sync for
-    tiles under 64 rows), mma.sync (never wgmma) on Ampere and Ada. (ptxas does spill some of these configs, ``got["stack"]`` bytes a thread:
-    the per-channel epilogue vectors take BLOCK_N / 2 registers in the MMA layout.)"""
+    tiles under 64 channels), mma.sync (never wgmma) on Ampere and Ada. (ptxas still spills the 128-row
+    configs, up to ~800 stack bytes a thread: the gathered tiles' 2-D address tensors; TMA removes them.)"""
     cases = _GATHER_CASES[arch]
     for case, got in zip(cases, compile_kernels([_gather_spec(arch, *c) for c in cases])):
         dtype, kh, _, bm, bn, bk, stages, _, precision = case[:9]
         stage_bytes = (bm + bn) * bk * int(dtype[2:]) // 8
         assert (stages - 1) * stage_bytes <= got["shared"] <= SHARED_MEMORY[arch], (case, got)
         assert got["ptx"]["cp.async."] and not got["ptx"]["ld.local"], (case, got)
+        if bm * bn <= 64 * 64 and got["stack"] is not None:  # the stem and batch-1 tiles keep to registers
+            assert got["stack"] <= 8, (case, got)
         tensor_cores = precision != "ieee" or dtype != "fp32"
-        if arch >= 90 and bm >= 64:  # wgmma's smallest tile has 64 rows
+        # The product is transposed (channels x pixels): wgmma's 64-row minimum applies to BLOCK_N.
+        if arch >= 90 and bn >= 64:
             assert bool(got["ptx"]["wgmma.mma_async"]) == tensor_cores, (case, got)
         else:
             assert not got["ptx"]["wgmma.mma_async"] and bool(got["ptx"]["mma.sync"]) == tensor_cores, (case, got)

@@ -141,7 +141,10 @@ def _conv_gather_kernel(
     x_img = x_ptr + img * sx_n
     w_col = w_ptr + offs_n * sw_o
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The transposed product, channels x pixels (weight tile @ pixel tile): in the MMA layout a thread then
+    # holds few output channels, so the epilogue's per-channel vectors cost few registers (pixels x
+    # channels spills); tl.trans relabels the accumulator for the epilogue at no cost.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if FLAT_K:
         for k0 in range(pid_k * BLOCK_K, KH * KW * C_in, BLOCK_K * SPLIT_K):
             k = k0 + offs_k
@@ -149,16 +152,16 @@ def _conv_gather_kernel(
             c = k % C_in
             r = k // (C_in * KW)
             s = (k // C_in) % KW
-            ih = ih0[:, None] + r[None, :] * dil_h
-            iw = iw0[:, None] + s[None, :] * dil_w
-            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(
-                x_img[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[None, :].to(tl.int64) * sx_c,
-                mask=a_ok, other=0.0,
+            ih = ih0[None, :] + r[:, None] * dil_h
+            iw = iw0[None, :] + s[:, None] * dil_w
+            x_ok = m_ok[None, :] & k_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tile = tl.load(
+                x_img[None, :] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[:, None].to(tl.int64) * sx_c,
+                mask=x_ok, other=0.0,
             )
             w_tap = r * sw_h + s * sw_w + c * sw_c
-            b = tl.load(w_col[None, :] + w_tap[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = accumulate(a, b, acc, PRECISION, UPCAST)
+            w_tile = tl.load(w_col[:, None] + w_tap[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = accumulate(w_tile, x_tile, acc, PRECISION, UPCAST)
     else:
         # Each K block is one tap (r, s) and one channel block, so the spatial mask and row addresses
         # stay per pixel. One flat loop over (tap, channel block) rather than nested loops: the
@@ -174,11 +177,13 @@ def _conv_gather_kernel(
             iw = iw0 + s * dil_w
             pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_pix = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-            a = tl.load(x_pix[:, None] + c[None, :].to(tl.int64) * sx_c, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+            x_tile = tl.load(x_pix[None, :] + c[:, None].to(tl.int64) * sx_c, mask=c_ok[:, None] & pix_ok[None, :],
+                             other=0.0)
             w_tap = w_col + r * sw_h + s * sw_w
-            b = tl.load(w_tap[None, :] + c[:, None] * sw_c, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = accumulate(a, b, acc, PRECISION, UPCAST)
+            w_tile = tl.load(w_tap[:, None] + c[None, :] * sw_c, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = accumulate(w_tile, x_tile, acc, PRECISION, UPCAST)
 
+    acc = tl.trans(acc)
     if SPLIT_K == 1:
         _epilogue_store(
             acc, offs_m, offs_n, M, C_out, H_out, W_out, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr,
