@@ -345,3 +345,28 @@ def test_cpu_tiny_model(cfg: Cfg, measure, benchmark):
         (_bench_eval if cfg.mode == "eval" else _bench_train)(cfg, measure, benchmark)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("impl", ["rf-torch", "eager"])
+def test_cpu_python_overhead(impl, measure, benchmark):
+    """The per-forward overhead of the Python layers (issue 10's measure): a resnet50 forward on one 8x8
+    image, whose arithmetic is small, on one CPU thread with the reference backend, against torchvision.
+    NCHW, as a caller's image comes."""
+    import torchvision
+
+    import resnet_fast
+
+    info = benchmark.extra_info
+    info.update(kind="model", arch="resnet50@8px", mode="eval", batch=1, dtype="fp32", impl=impl, device="cpu",
+                memory_format="contiguous", threads=1)
+    benchmark.group = "resnet50@8px eval b1 fp32 (CPU, one thread)"
+    model = (resnet_fast.resnet50() if impl == "rf-torch" else torchvision.models.resnet50()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with resnet_fast.backend("torch", strict=True), torch.no_grad():
+            measure(lambda: model(x), device=torch.device("cpu"), work=bu.Work(images=1))
+    finally:
+        torch.set_num_threads(threads)

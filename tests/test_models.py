@@ -44,27 +44,43 @@ def _train_step_pair(tv, rf, x):
     return outs, tv64
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_train_step_in_float64_is_torchvisions(arch):
+    """One training step in float64, where rounding cannot decide anything: the output, every gradient and
+    every running statistic equal torchvision's float64 step to 1e-9. This pins every formula and index
+    of the training path; the fp32 test below judges precision."""
+    tv, rf = model_pair(arch, num_classes=10)
+    tv, rf = tv.double().train(), rf.double().train()
+    x = torch.randn(4, 3, 40, 40, dtype=torch.float64)
+    outs = [m(x) for m in (tv, rf)]
+    target = torch.randn_like(outs[0])
+    for out in outs:
+        ((out - target) ** 2).mean().backward()
+    assert rel_err(outs[1], outs[0]) <= 1e-9
+    for (name, a), (_, b) in zip(tv.named_parameters(), rf.named_parameters()):
+        assert rel_err(b.grad, a.grad) <= 1e-9, name
+    for (name, a), (_, b) in zip(tv.named_buffers(), rf.named_buffers()):
+        assert rel_err(b.double(), a.double()) <= 1e-9, name
+
+
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 40)])
 def test_train_mode_matches_torchvision(arch, size):
-    """Outputs, every gradient and every running statistic after one training step, against a float64 run.
+    """The precision of one fp32 training step against float64: the output and every running statistic
+    within 2x torchvision's own fp32 error, and the whole gradient within 2x too, with a floor of 5e-3.
 
-    BN over a small batch is ill-conditioned (torchvision's own fp32 gradient error reaches 1e-2 here, and
-    a single layer's can be 1e-4 or 1e-2 depending on the draw), so the bound is statistical: the output
-    and the whole gradient within 2x torchvision's own fp32 error; each parameter's gradient within 4x
-    torchvision's error on it or 2x its error on the whole gradient, whichever is larger (a different but
-    equally valid rounding order moves single tensors by that much; a wrong index or formula gives errors
-    of order 1). The floors (1e-5, 1e-4) sit at fp32 rounding level."""
+    The floor, and judging the gradient as a whole rather than per tensor, are for knife edges: a ReLU
+    input within rounding of zero falls on either side depending on the rounding order (seen: 1 element
+    in 16k at layer4.1.bn1, +1.4e-7 in our run, negative in torchvision's), and batch statistics over 32
+    values per channel spread that flipped mask over the channel's gradients, up to 3e-2 on one layer's.
+    torchvision is exposed to the same chance. The float64 test above pins every formula and index."""
     tv, rf = model_pair(arch, num_classes=10)
     x = torch.randn(8, 3, size, size)
     (out_tv, out_rf, out64), tv64 = _train_step_pair(tv, rf, x)
     assert rel_err(out_rf, out64) <= max(2 * rel_err(out_tv, out64), 1e-5)
     params = list(zip(tv.named_parameters(), rf.named_parameters(), tv64.named_parameters()))
+    assert all(p_rf.grad is not None for _, (_, p_rf), _ in params)
     grads = [torch.cat([p.grad.flatten() for (_, p) in group]) for group in zip(*params)]
-    whole = rel_err(grads[0], grads[2])
-    assert rel_err(grads[1], grads[2]) <= max(2 * whole, 1e-4)
-    for (name, p_tv), (_, p_rf), (_, p64) in params:
-        assert p_rf.grad is not None, name
-        assert rel_err(p_rf.grad, p64.grad) <= max(4 * rel_err(p_tv.grad, p64.grad), 2 * whole, 1e-4), name
+    assert rel_err(grads[1], grads[2]) <= max(2 * rel_err(grads[0], grads[2]), 5e-3)
     buffers = zip(tv.named_buffers(), rf.named_buffers(), tv64.named_buffers())
     for (name, b_tv), (_, b_rf), (_, b64) in buffers:
         if name.endswith("num_batches_tracked"):

@@ -263,7 +263,8 @@ def fake_backend():
                               priority=-2, supports_device=lambda d: True)
     backends._warned.clear()
     yield calls
-    del backends._REGISTRY["fake"], backends._REGISTRY["broken"]
+    backends.unregister_backend("fake")
+    backends.unregister_backend("broken")
 
 
 def _conv(groups=1, relu=True):

@@ -50,6 +50,7 @@ __all__ = [
     "resolve",
     "set_backend",
     "unavailable_reason",
+    "unregister_backend",
 ]
 
 AUTO = "auto"
@@ -108,6 +109,8 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_BY_PRIORITY: list[Backend] = []  # _REGISTRY's backends, highest priority first (resolve runs per op call)
+_AUTO: dict[tuple[str, str], tuple[str, Callable]] = {}  # "auto"'s choice per (op, device type)
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,23 @@ def register_backend(
         raise ValueError(f"backend name {AUTO!r} is reserved")
     b = Backend(name, priority, load, supports_device, auto_select)
     _REGISTRY[name] = b
+    _BY_PRIORITY[:] = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+    _AUTO.clear()
     return b
+
+
+def unregister_backend(name: str) -> None:
+    """Removes a backend added by :func:`register_backend` (a plugin unloading, a test cleaning up)."""
+    if name not in _REGISTRY or name == "torch":
+        raise ValueError(f"cannot unregister {name!r}; registered: {registered_backends()} (the reference stays)")
+    del _REGISTRY[name]
+    _BY_PRIORITY[:] = [b for b in _BY_PRIORITY if b.name != name]
+    _AUTO.clear()
 
 
 def registered_backends() -> list[str]:
     """Every registered backend name, available or not, highest priority first."""
-    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
+    return [b.name for b in _BY_PRIORITY]
 
 
 def available_backends() -> list[str]:
@@ -201,13 +215,16 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     """The (backend name, implementation) that :func:`call` would use for this op."""
     sel = _selection.get()
     if sel.name == AUTO:
-        for name in registered_backends():
-            b = _REGISTRY[name]
-            if b.auto_select is not None and not b.auto_select(device):
-                continue
-            if _usable(b, op, device) is None:
-                return name, b.ops()[op]
-        raise BackendUnavailable(f"no backend implements {op!r}")
+        # Backends decide by device type, and a backend's availability is settled on its first load.
+        key = (op, device.type)
+        if key not in _AUTO:
+            for b in _BY_PRIORITY:
+                if (b.auto_select is None or b.auto_select(device)) and _usable(b, op, device) is None:
+                    _AUTO[key] = b.name, b.ops()[op]
+                    break
+            else:
+                raise BackendUnavailable(f"no backend implements {op!r}")
+        return _AUTO[key]
     reason = _usable(_REGISTRY[sel.name], op, device)
     if reason is None:
         return sel.name, _REGISTRY[sel.name].ops()[op]

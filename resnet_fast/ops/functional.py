@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resnet_fast.ops import library
+
 __all__ = ["conv_norm_act", "norm_act"]
 
 
@@ -69,10 +71,16 @@ def conv_norm_act(
     in the convolution's epilogue from the live tensors. Otherwise the convolution, then :func:`norm_act`.
     """
     if running_mean is not None and running_var is not None and not (training and num_batches_tracked is not None):
-        return torch.ops.resnet_fast.conv_bn_act(
-            x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
-            groups, residual, relu,
-        )
+        if torch.jit.is_scripting():
+            return torch.ops.resnet_fast.conv_bn_act(
+                x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
+                groups, residual, relu,
+            )
+        else:  # not compiled by TorchScript: plain eager inference skips the op's dispatch
+            return library.call_conv_bn_act(
+                x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
+                groups, residual, relu,
+            )
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return norm_act(out, norm_weight, norm_bias, running_mean, running_var, num_batches_tracked, training, momentum,
                     eps, residual, relu)

@@ -22,7 +22,10 @@ def is_channels_last(t: torch.Tensor) -> bool:
     dense tensors, and tensors whose size-1 dimensions make both layouts the same memory (a 1x1 conv
     weight, ``[N, 1, H, W]``) keep whatever strides ``.contiguous`` left them.
     """
-    return t.dim() == 4 and t.stride(1) <= t.stride(3) and t.stride(1) < t.stride(2)
+    if t.dim() != 4:
+        return False
+    _, c, h, w = t.stride()
+    return c <= w and c < h
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

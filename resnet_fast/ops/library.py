@@ -14,7 +14,7 @@ Ops (schemas below):
 * ``conv_bn_act``: ``relu?(bn(conv2d(x, weight) + bias) + residual)`` with an eval-mode BatchNorm
   (running statistics; none when ``running_var`` is None).
 * ``add_relu``: ``relu(x + y)``.
-* ``batch_stats``: per-channel batch mean and biased variance (float32).
+* ``batch_stats``: per-channel batch mean and biased variance (float32; float64 for float64 input).
 * ``update_running_stats``: ``nn.BatchNorm2d``'s running-statistics update from them.
 * ``batch_norm_act``: ``relu?(batch_norm(x; mean, var) + residual)``; with ``training`` its backward is
   that of batch statistics.
@@ -115,21 +115,29 @@ def _conv_bn_act_backward(ctx, grad):
 register_autograd("resnet_fast::conv_bn_act", _conv_bn_act_backward, setup_context=_conv_bn_act_setup)
 
 
-def _autocast_rule(device_type: str):
-    """Under ``torch.autocast`` the activations, the conv weight and bias are cast to the autocast dtype,
-    as ``F.conv2d`` would be; the BatchNorm tensors are read as they are (the epilogue is float32)."""
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+def autocast_conv_inputs(device_type: str, x, weight, bias, residual) -> tuple:
+    """``(x, weight, bias, residual)`` cast as ``torch.autocast`` would cast ``F.conv2d``'s inputs on this
+    device type (to its autocast dtype, float64 left alone); the BatchNorm tensors are not cast, the
+    epilogue reads them in float32."""
+    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
         eligible = t is not None and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
-        return t.to(torch.get_autocast_dtype(device_type)) if eligible else t
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(bias), cast(residual)
+
+
+def _autocast_kernel(device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
     def kernel(_keyset, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
                dilation, groups, residual, relu):
+        x, weight, bias, residual = autocast_conv_inputs(device_type, x, weight, bias, residual)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return torch.ops.resnet_fast.conv_bn_act(
-                cast(x), cast(weight), cast(bias), bn_weight, bn_bias, running_mean, running_var, eps, stride,
-                padding, dilation, groups, cast(residual), relu,
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
+                groups, residual, relu,
             )
 
     return key, kernel
@@ -137,8 +145,36 @@ def _autocast_rule(device_type: str):
 
 _lib = torch.library.Library("resnet_fast", "FRAGMENT")
 for _device in ("cpu", "cuda"):
-    _key, _kernel = _autocast_rule(_device)
+    _key, _kernel = _autocast_kernel(_device)
     _lib.impl("conv_bn_act", _kernel, _key.name, with_keyset=True)
+
+
+def _plain_inference(x: torch.Tensor) -> bool:
+    """Nothing traces, compiles or differentiates this call, and x is a plain tensor (no subclass, no fake)."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch._C._get_tracing_state() is None
+    )
+
+
+def call_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
+                     groups, residual, relu):
+    """``torch.ops.resnet_fast.conv_bn_act``, or in plain eager inference the kernel it would dispatch to,
+    directly: the op's dispatch (autograd and autocast keys, the Python custom-op wrapper) costs more than
+    a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``)."""
+    if _plain_inference(x):
+        if torch.is_autocast_enabled(x.device.type):
+            x, weight, bias, residual = autocast_conv_inputs(x.device.type, x, weight, bias, residual)
+        return backends.call(
+            "conv_bn_act", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, tuple(stride),
+            tuple(padding), tuple(dilation), groups, residual, relu, device=x.device,
+        )
+    return torch.ops.resnet_fast.conv_bn_act(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation, groups,
+        residual, relu,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- add_relu
@@ -175,9 +211,14 @@ def batch_stats(x):
     return backends.call("batch_stats", x, device=x.device)
 
 
+def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-channel statistics and their gradients: float32, float64 for float64 activations."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @register_fake("resnet_fast::batch_stats")
 def _batch_stats_fake(x):
-    stats = x.new_empty((x.shape[1],), dtype=torch.float32)
+    stats = x.new_empty((x.shape[1],), dtype=_statistics_dtype(x))
     return stats, stats.clone()
 
 
@@ -276,7 +317,7 @@ def batch_norm_act_backward(grad_out, x, out, weight, mean, var, eps, training, 
 
 @register_fake("resnet_fast::batch_norm_act_backward")
 def _batch_norm_act_backward_fake(grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad):
-    channel = x.new_empty((x.shape[1],), dtype=torch.float32)
+    channel = x.new_empty((x.shape[1],), dtype=_statistics_dtype(x))
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
     grad_res = torch.empty_like(grad_out) if residual_grad else x.new_empty((0,))
     return grad_x, channel, channel.clone(), grad_res

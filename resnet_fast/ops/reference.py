@@ -63,12 +63,14 @@ def conv_bn_act(
     The output is in x's dtype and in :func:`~resnet_fast.ops.layout.conv_output_format`.
     """
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if running_var is not None:
-        out = F.batch_norm(out, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
+    if running_var is not None:  # F.batch_norm's op without its Python checks (this runs for every conv)
+        out = torch.batch_norm(out, bn_weight, bn_bias, running_mean, running_var, False, 0.0, eps, True)
+    # In place, as torchvision's blocks do: out is this function's own fresh tensor, and the reference runs
+    # without autograd (the library op owns the backward).
     if residual is not None:
-        out = out + residual
+        out += residual
     if relu:
-        out = torch.relu(out)
+        out.relu_()
     return out.contiguous(memory_format=conv_output_format(x, weight))
 
 
@@ -113,9 +115,9 @@ def batch_norm_act(
     """
     out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     if residual is not None:
-        out = out + residual
+        out += residual  # out is fresh and no autograd runs here: in place, as torchvision does
     if relu:
-        out = torch.relu(out)
+        out.relu_()
     return out.contiguous(memory_format=activation_format(x))
 
 
@@ -141,21 +143,27 @@ def batch_norm_act_backward(
 
     Returns:
         ``(grad_x, grad_weight, grad_bias, grad_residual)``: grad_x in x's dtype and activation format;
-        grad_weight and grad_bias float32 ``[C]``; grad_residual ``g``, or an empty tensor when
-        ``residual_grad`` is False.
+        grad_weight and grad_bias ``[C]`` in float32 (float64 for float64 x); grad_residual ``g``, or an
+        empty tensor when ``residual_grad`` is False.
     """
+    # g in x's layout: gradients arrive in any strides (avgpool's backward hands an expanded, stride-0 one),
+    # and torch's CPU batch-norm backward is unreliable on mixed or ambiguous layouts (seen on 2.14.1:
+    # errors of order 1e-3 in bias gradients). x's own layout is the well-trodden path.
+    fmt = activation_format(x)
     g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
-    # A fresh tensor: op outputs may not alias inputs (without the ReLU, g is grad_out itself).
-    grad_residual = g.clone() if residual_grad else x.new_empty((0,))
-    invstd = torch.rsqrt(var.float() + eps)
-    xhat = (x.float() - mean.float().view(_CHANNEL)) * invstd.view(_CHANNEL)
+    g = g.contiguous(memory_format=fmt)
+    # A fresh tensor: op outputs may not alias inputs (without the ReLU, g may be grad_out itself).
+    grad_residual = (g if g is not grad_out else g.clone()) if residual_grad else x.new_empty((0,))
+    compute = torch.promote_types(x.dtype, torch.float32)
+    mean, invstd = mean.to(compute), torch.rsqrt(var.to(compute) + eps)
+    xhat = (x.to(compute) - mean.view(_CHANNEL)) * invstd.view(_CHANNEL)
     if training and x.numel() > 0:
         grad_x, _, _ = torch.ops.aten.native_batch_norm_backward(
-            g, x, weight, None, None, mean.float(), invstd, True, eps, [True, False, False]
+            g, x, weight, None, None, mean, invstd, True, eps, [True, False, False]
         )
     else:
-        scale = invstd if weight is None else invstd * weight.float()
-        grad_x = (g.float() * scale.view(_CHANNEL)).to(x.dtype)
-    grad_weight = (g.float() * xhat).sum(dim=(0, 2, 3))
-    grad_bias = g.sum(dim=(0, 2, 3), dtype=torch.float32)
-    return grad_x.contiguous(memory_format=activation_format(x)), grad_weight, grad_bias, grad_residual
+        scale = invstd if weight is None else invstd * weight.to(compute)
+        grad_x = (g.to(compute) * scale.view(_CHANNEL)).to(x.dtype)
+    grad_weight = (g.to(compute) * xhat).sum(dim=(0, 2, 3))
+    grad_bias = g.sum(dim=(0, 2, 3), dtype=compute)
+    return grad_x.contiguous(memory_format=fmt), grad_weight, grad_bias, grad_residual
