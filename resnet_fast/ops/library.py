@@ -20,11 +20,15 @@ Ops (schemas below):
   time too).
 * ``update_running_stats``: ``nn.BatchNorm2d``'s running-statistics update from those batch statistics.
   Separate from ``batch_norm_act`` because torch.library ops with a backward must not mutate their inputs.
+* ``stem``: the ImageNet stem, ``max_pool2d(relu(bn(conv2d(x, weight) + bias)), 3, 2, 1)`` with the 7x7
+  stride-2 convolution, on x cast to the weight's dtype.
 
 Call them through :mod:`resnet_fast.ops`, which validates arguments first; the models call them directly.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from torch.library import custom_op, register_autograd, register_fake
@@ -32,9 +36,9 @@ from torch.library import custom_op, register_autograd, register_fake
 from resnet_fast import backends
 from resnet_fast.ops import layout
 from resnet_fast.ops.layout import activation_format, conv_output_size
-from resnet_fast.ops.reference import bn_scale_shift
+from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, stem_sizes
 
-__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act"]
+__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "stem"]
 
 _REDUCE = (0, 2, 3)
 _CHANNEL = (1, -1, 1, 1)
@@ -259,3 +263,73 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, save_me
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, save_mean, save_invstd, eps, momentum,
                                count):
     return None
+
+
+# ----------------------------------------------------------------------------------------------------- stem
+@custom_op(
+    "resnet_fast::stem",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
+    "Tensor? running_var, float eps) -> Tensor",
+)
+def stem(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    return backends.call("stem", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, device=x.device)
+
+
+@register_fake("resnet_fast::stem")
+def _stem_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    h, w = stem_sizes(x.shape[2])[1], stem_sizes(x.shape[3])[1]
+    return layout.empty_conv_output(x, weight, h, w, dtype=weight.dtype)
+
+
+def _stem_setup(ctx, inputs, output):
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    ctx.eps = eps
+    ctx.dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in inputs[:7]]
+
+
+def _stem_backward(ctx, grad):
+    """The max-pool's gradient, routed by its argmax over the recomputed pre-pool activation (the forward
+    never stores it), then ``conv_bn_act``'s backward (:func:`_conv_bn_act_backward`) from there."""
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
+    x_cast = x.to(weight.dtype)
+    _, stride, padding = STEM_CONV
+    conv = ([stride] * 2, [padding] * 2, [1, 1], 1)
+    act = torch.ops.resnet_fast.conv_bn_act(x_cast, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                            ctx.eps, *conv, None, True)
+    pool = [[v] * 2 for v in STEM_POOL]
+    _, argmax = torch.ops.aten.max_pool2d_with_indices(act, *pool)
+    grad_act = torch.ops.aten.max_pool2d_with_indices_backward(grad, act, *pool, [1, 1], False, argmax)
+    # conv_bn_act's inputs are the stem's first seven, then geometry and residual (no gradient).
+    conv_ctx = SimpleNamespace(
+        saved_tensors=(x_cast, weight, bias, bn_weight, running_mean, running_var, act),
+        needs_input_grad=tuple(ctx.needs_input_grad[:7]) + (False,) * 7,
+        conv=conv, eps=ctx.eps, relu=True, dtypes=ctx.dtypes + [None] * 7,
+    )
+    return *_conv_bn_act_backward(conv_ctx, grad_act)[:7], None
+
+
+register_autograd("resnet_fast::stem", _stem_backward, setup_context=_stem_setup)
+
+
+def _stem_autocast_rule(device_type: str):
+    """Under ``torch.autocast`` the conv weight and bias are cast to the autocast dtype, as ``F.conv2d``'s
+    would be, and the op computes in it; x is left as given (the op casts it as it loads it, rather than in
+    a pass of its own over the image batch), and the BatchNorm tensors are read as they are."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(_keyset, x, weight, bias, *batch_norm):
+        dtype = torch.get_autocast_dtype(device_type)
+        if weight.device.type != device_type or weight.dtype == torch.float64:
+            dtype = weight.dtype
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.resnet_fast.stem(x, weight.to(dtype), None if bias is None else bias.to(dtype),
+                                              *batch_norm)
+
+    return key, kernel
+
+
+for _device in ("cpu", "cuda"):
+    _key, _kernel = _stem_autocast_rule(_device)
+    _lib.impl("stem", _kernel, _key.name, with_keyset=True)
