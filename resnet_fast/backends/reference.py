@@ -8,6 +8,7 @@ _OPS = {
     "add_relu": reference.add_relu,
     "batch_norm_act": reference.batch_norm_act,
     "batch_norm_act_backward": reference.batch_norm_act_backward,
+    "stem": reference.stem,
 }
 
 register_backend("torch", lambda: _OPS, priority=0, supports_device=lambda device: True)
