@@ -10,19 +10,19 @@ goes to memory, and neither does a converted copy of the input.
 K layout: 2x2 space-to-depth. The 7x7 stride-2 kernel, padded in the load to 8x8 with a zero first row and
 column (input offset -4 instead of the padding of 3), is a 4x4 stride-1 kernel over 2x2 pixel cells: each
 input channel contributes exactly 64 taps, one K block of 64, so K = 64 * C_in is a multiple of the
-tensor-core K step for every channel count (1 for grayscale, 3, 4, ...) without masking a ragged K tail
-or padding channels. Padding C 3 -> 4 instead gives K = 196 (224 or 256 after rounding to a K block, and
-a ragged tail for other channel counts) for a 3% smaller padded kernel (196 vs 192 for 3 channels: a
-wash), so space-to-depth is the choice. The padding lives in the load masks; no padded copy of the weight
-is stored.
+tensor-core K step for every channel count (1 for grayscale, 3, 4, ...), with no ragged K tail to mask.
+Padding C 3 -> 4 instead gives K = 4 * 49 = 196, more than 192 and a multiple of no K block (a masked
+tail, or 224 / 256 after rounding up), and C -> 8 doubles it; so space-to-depth. Either way the padding
+lives in the load masks: no padded copy of the weight is stored.
 
 Tiling and the fused pool: a program owns BLOCK_M pooled pixels that share a pooled row (``M`` runs over
 (image, pooled column)), a strip of ROWS pooled rows and BLOCK_N output channels, and walks down its strip.
 Pooled row p is the max over conv rows 2p-1, 2p and 2p+1, and conv row 2p+1 is also the first row of
 pooled row p+1's window, so it is carried in registers to the next step: each conv row is computed once,
 plus one halo row (2 * first_row - 1) per strip. Along a row, the window's three columns 2q-1, 2q, 2q+1
-of pooled column q are three GEMMs on the same M rows (registers cannot be shifted across M rows), so
-columns cost 1.5x the minimal math; in all about 1.5x the minimal conv work and no extra memory traffic.
+of pooled column q are three GEMMs on the same M rows (Triton cannot shift a register tile along M to
+reuse the neighbour's column), so columns cost 1.5x: in all about 1.5x the minimal conv work (times
+192/147 for the padded taps) and no extra memory traffic.
 Window positions outside the convolution's output count as 0: after the ReLU every value is >= 0 and
 every window holds at least its centre, so the max is unchanged.
 
@@ -69,18 +69,18 @@ _MAX_BLOCK_N = 64  # ResNet stems have 64 channels; wider stems take more channe
 
 @triton.jit
 def _conv_row_window_max(
-    x_tile, x_pix, m_ok, w_ptr, w_tap, w_ok, scale, shift, conv_row, pooled_col,
+    x_tile, x_pix, m_ok, w_ptr, w_tap, w_ok, r, s, tap_ok, scale, shift, conv_row, pooled_col,
     C_in, H, W, H_conv, W_conv, sx_c, sx_h, sx_w, sw_c,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``relu(bn(conv))`` at conv row ``conv_row`` (a scalar), maxed over the pool window's three columns of
     each pooled column ``pooled_col`` (``[BLOCK_M]``): ``[BLOCK_M, BLOCK_N]`` float32. Window positions
-    outside the convolution's output count as 0."""
-    taps = tl.arange(0, 64)
-    r = taps // 8  # row and column in the kernel padded to 8x8: row 0 and column 0 are the padding
-    s = taps % 8
+    outside the convolution's output count as 0.
+
+    ``x_tile + x_pix`` is each M row's image; ``w_ptr + w_tap`` (mask ``w_ok``) the ``[64 taps, BLOCK_N]``
+    weight tile of channel 0; ``r``, ``s`` and ``tap_ok`` the taps' row, column and realness (``[64]``)."""
     ih = 2 * conv_row - 4 + r  # stride 2; -4 = -(padding 3) - (the padding row)
-    row_ok = (r > 0) & (s > 0) & (ih >= 0) & (ih < H)
+    row_ok = tap_ok & (ih >= 0) & (ih < H)
     row_inside = (conv_row >= 0) & (conv_row < H_conv)
     best = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # A runtime loop, not static_range: unrolled, the compiler hoists all three columns' gather addresses
@@ -127,9 +127,13 @@ def _stem_kernel(
     y_tile = y_ptr + first_img.to(tl.int64) * sy_n
     x_pix = img * sx_n
     y_pix = img * sy_n + pooled_col * sy_w
-    taps = tl.arange(0, 64)
-    w_tap = (offs_n * sw_o)[None, :] + ((taps // 8 - 1) * sw_h + (taps % 8 - 1) * sw_w)[:, None]  # [64, BLOCK_N]
-    w_ok = ((taps // 8 > 0) & (taps % 8 > 0))[:, None] & n_ok[None, :]
+    # K: the 64 taps of the kernel padded to 8x8 (one input channel at a time); row 0 and column 0 are the
+    # padding, zero in the load.
+    r = tl.arange(0, 64) // 8
+    s = tl.arange(0, 64) % 8
+    tap_ok = (r > 0) & (s > 0)
+    w_tap = (offs_n * sw_o)[None, :] + ((r - 1) * sw_h + (s - 1) * sw_w)[:, None]  # [64 taps, BLOCK_N]
+    w_ok = tap_ok[:, None] & n_ok[None, :]
     scale, shift = channel_scale_shift(offs_n, n_ok, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps)
 
     # Pooled row p is the max over conv rows 2p-1, 2p and 2p+1. Walking down the conv rows from the halo
@@ -137,7 +141,7 @@ def _stem_kernel(
     window = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for conv_row in range(2 * first_row - 1, 2 * min(first_row + ROWS, H_pool)):
         row = _conv_row_window_max(
-            x_tile, x_pix, m_ok, w_ptr, w_tap, w_ok, scale, shift, conv_row, pooled_col,
+            x_tile, x_pix, m_ok, w_ptr, w_tap, w_ok, r, s, tap_ok, scale, shift, conv_row, pooled_col,
             C_in, H, W, H_conv, W_conv, sx_c, sx_h, sx_w, sw_c, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
         )
         window = tl.maximum(window, row)
