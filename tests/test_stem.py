@@ -368,7 +368,8 @@ def test_float32_images_for_a_half_model_and_the_unfused_paths():
         (lambda: resnet_fast.resnet18(num_classes=4, in_channels=1), True),
         (lambda: resnet_fast.resnet18(num_classes=4, norm_layer=torchvision.ops.FrozenBatchNorm2d), True),
         (lambda: resnet_fast.resnet18(num_classes=4, stem="cifar"), False),
-        (lambda: resnet_fast.ResNet(resnet_fast.BasicBlock, [1], num_classes=4, norm_layer=lambda c: torch.nn.GroupNorm(2, c)), False),
+        (lambda: resnet_fast.ResNet(resnet_fast.BasicBlock, [1], num_classes=4,
+                                    norm_layer=lambda c: torch.nn.GroupNorm(2, c)), False),
     ],
     ids=["imagenet", "grayscale", "frozen-bn", "cifar", "group-norm"],
 )

@@ -9,7 +9,9 @@ eager mode, ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export``.
 
 On CUDA the conv weights are kept channels_last (the layout ``model.to(memory_format=torch.channels_last)``
 gives, applied whenever the model moves to a GPU), so activations are NHWC from the first convolution on
-without a conversion pass. On CPU the model keeps torchvision's layouts.
+without a conversion pass. On CPU the model keeps torchvision's layouts. In eval mode the ImageNet stem
+(conv1, bn1, ReLU, maxpool) is one ``stem`` op that reads the caller's batch as given (a float32 batch
+for a float16/bfloat16 model too) and casts it as it loads it.
 """
 
 from typing import Any, Callable, Sequence
@@ -319,19 +321,18 @@ class ResNet(_FusedPairs, tv.ResNet):
         construction are honoured; the CIFAR stem and training keep the conv + pool path."""
         conv, norm, pool = self.conv1, self.bn1, self.maxpool
         k, s, p = STEM_CONV
-        return (
-            not self.training
-            and not norm.training
-            and getattr(norm, "running_var", None) is not None
-            and self._fusable()
-            and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == ((k, k), (s, s), (p, p),
-                                                                                              (1, 1), 1)
-            and type(pool) is nn.MaxPool2d
+        imagenet_conv = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == (
+            (k, k), (s, s), (p, p), (1, 1), 1
+        )
+        imagenet_pool = (
+            type(pool) is nn.MaxPool2d
             and not pool.ceil_mode
             and not pool.return_indices
             and [_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
             == [(v, v) for v in (*STEM_POOL, 1)]
         )
+        running_stats = not norm.training and getattr(norm, "running_var", None) is not None
+        return not self.training and running_stats and imagenet_conv and imagenet_pool and self._fusable()
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]``."""
@@ -343,7 +344,7 @@ class ResNet(_FusedPairs, tv.ResNet):
             # x as the caller gave it: the op casts it as it loads it, and returns NHWC on CUDA.
             x = torch.ops.resnet_fast.stem(x, c.weight, c.bias, n.weight, n.bias, n.running_mean, n.running_var, n.eps)
         else:
-            x = x.to(self.conv1.weight.dtype)
+            x = x.to(self.conv1.weight.dtype)  # the fused stem's cast, here a pass of its own
             if hasattr(self.bn1, "running_var") and (torch.jit.is_scripting() or self._fusable()):
                 c = self.conv1
                 n = self.bn1
