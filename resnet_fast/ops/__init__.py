@@ -1,8 +1,9 @@
 """Functional fused ops: validate, normalise, then call the ``torch.library`` op (``torch.ops.resnet_fast``).
 
 Layouts: activations are ``[N, C, H, W]`` tensors, NCHW-contiguous or channels_last (NHWC in memory);
-every op accepts both. Convolutions return channels_last when x or the weight is channels_last (the rule
-of ``F.conv2d`` on cuDNN; :func:`~resnet_fast.ops.layout.conv_output_format`), the other ops x's layout.
+every op accepts both. Convolutions (the stem included) return channels_last when x or the weight is
+channels_last (the rule of ``F.conv2d`` on cuDNN; :func:`~resnet_fast.ops.layout.conv_output_format`), the
+other ops x's layout.
 Weights are ``[C_out, C_in / groups, kH, kW]`` in any memory format; channels_last weights
 (``[C_out, kH, kW, C_in]`` in memory, what ``model.to(memory_format=torch.channels_last)`` gives) are the
 kernels' fast layout.
@@ -10,7 +11,8 @@ kernels' fast layout.
 Each op is a ``torch.library`` operator (:mod:`resnet_fast.ops.library`) with a backward, a fake
 implementation and, for the convolutions, an autocast rule: under ``torch.autocast`` x, the conv weight,
 bias and residual are cast to the autocast dtype as ``F.conv2d``'s would be, and BatchNorm tensors are
-read in float32. The op picks its kernel at run time through :mod:`resnet_fast.backends`: ``"torch"``
+read in float32 (:func:`stem` casts only the weight and bias: it casts x as it loads it). The op picks
+its kernel at run time through :mod:`resnet_fast.backends`: ``"torch"``
 (the reference, :mod:`resnet_fast.ops.reference`, every device), ``"triton"`` and ``"cuda"`` (CUDA
 kernels) where installed.
 
