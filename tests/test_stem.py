@@ -461,3 +461,17 @@ def test_imagenet_batch_gpu(dtype, fused_calls):
     """The benchmark's shape class: float32 NCHW images, channels_last weights, 64 channels, 224x224."""
     w, b, *norm = _stem_tensors(3, 64, dtype, bias=False)
     _check_stem(torch.randn(8, 3, 224, 224, device=DEVICE), (w.to(memory_format=CL), b, *norm), fused_calls)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int64_offsets_gpu(fused_calls):
+    """A batch past 2^31 elements: the last images' offsets overflow int32 (checked on the last image)."""
+    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    x = torch.empty(14300, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16).normal_()  # 2.15e9 elements
+    w, b, *norm = _stem_tensors(3, 64, torch.bfloat16)
+    with torch.no_grad(), resnet_fast.backend("triton", strict=True):
+        out = ops.stem(x, w.to(memory_format=CL), b, *norm)
+    last = (x[-1:], w, b, *norm)
+    ref64 = reference.stem(*(t.double() for t in last), 1e-5)
+    assert rel_err(out[-1:], ref64) <= lowp_tolerance(torch.bfloat16, reference.stem(*last, 1e-5), ref64)
