@@ -200,7 +200,7 @@ def fused_stem(
     c_out = weight.shape[0]
     (h_conv, h_pool), (w_conv, w_pool) = stem_sizes(h), stem_sizes(w)
     m = n * w_pool
-    images = min(n - 1, (_MAX_BLOCK_M - 1) // w_pool + 1)  # how far past its first image a tile reaches
+    images = max(0, min(n - 1, (_MAX_BLOCK_M - 1) // w_pool + 1))  # how far past its first image a tile reaches
     pooled_image = c_out * h_pool * w_pool  # the output is dense, in either layout
     if max(_tile_span(x, images), (images + 1) * pooled_image, m + _MAX_BLOCK_M) >= 2**31:
         raise Unsupported(f"the stem kernel's 32-bit offsets within a tile cannot address x {tuple(x.shape)} with "
