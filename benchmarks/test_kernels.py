@@ -389,3 +389,71 @@ def test_batch_norm_act(site, direction, impl, measure, benchmark):
         ref = grad_x(x.double(), r.double() if r is not None else None, weight.double(), bias.double(), gout.double())
         same = grad_x(x, r, weight, bias, gout)
         bu.check_parity(benchmark.extra_info, "grad_x", got, same, ref, DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------- stem
+
+STEM_SHAPE = "7x7s2-3to64-224px+maxpool3x3s2"
+# What each stem row times, at batch 256 from 224x224 images.
+STEM_IMPLS = {
+    "rf-triton-fused": "ops.stem, fused kernel (RESNET_FAST_STEM_KERNEL=fused), on the caller's float32 NCHW batch",
+    "rf-triton": "ops.stem, the triton backend's default (x cast, gather conv, torch max-pool), same batch",
+    "eager": "eager torchvision from the same batch: cast to bf16 channels_last, cuDNN conv, BN, ReLU, max-pool",
+    "cudnn-conv-bf16": "cuDNN's 7x7/2 conv alone, bf16 channels_last input",
+    "cudnn-conv-fp16": "cuDNN's 7x7/2 conv alone, fp16 channels_last input (its special first-layer kernel)",
+    "eager-maxpool": "F.max_pool2d(3, 2, 1) alone on the bf16 64x112x112 conv output",
+}
+
+
+@pytest.mark.headline
+@pytest.mark.parametrize("impl", list(STEM_IMPLS))
+def test_stem(impl: str, measure, benchmark, monkeypatch):
+    """The ImageNet stem (conv1 + bn1 + relu + maxpool) against its parts as cuDNN and eager PyTorch run
+    them. GB/s counts the ideal bytes of each row's own inputs and outputs; TFLOP/s the conv's useful math
+    (7x7x3 taps, not the kernel's padded 8x8)."""
+    from resnet_fast.ops import reference
+
+    benchmark.group = f"stem {STEM_SHAPE}"
+    _tag(benchmark, op="stem", shape=STEM_SHAPE, impl=impl, what=STEM_IMPLS[impl])
+    dtype = torch.float16 if impl == "cudnn-conv-fp16" else DTYPE
+    benchmark.extra_info["dtype"] = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    image, conv_out, pooled = (BATCH, 3, 224, 224), (BATCH, 64, 112, 112), (BATCH, 64, 56, 56)
+    numel = {name: BATCH * c * h * w for name, (_, c, h, w) in
+             (("image", image), ("conv", conv_out), ("pooled", pooled))}
+    flops = 2.0 * numel["conv"] * 3 * 49
+    w = _cl((64, 3, 7, 7), dtype) * (2.0 / 147) ** 0.5
+    gamma, beta = 1 + 0.1 * torch.randn(64, device=DEVICE), 0.1 * torch.randn(64, device=DEVICE)
+    mean, var = 0.1 * torch.randn(64, device=DEVICE), 1 + 0.1 * torch.rand(64, device=DEVICE)
+    norm = (gamma, beta, mean, var)
+
+    if impl == "eager-maxpool":
+        rot = bu.Rotation([(_cl(conv_out),) for _ in range(bu.n_buffers(numel["conv"] * 2))])
+        measure(lambda: F.max_pool2d(rot.next()[0], 3, 2, 1), device=DEVICE,
+                work=bu.Work(bytes=(numel["conv"] + numel["pooled"]) * 2))
+        return
+    if impl.startswith("cudnn-conv"):
+        rot = bu.Rotation([(_cl(image, dtype),) for _ in range(bu.n_buffers(numel["image"] * 2))])
+        measure(lambda: F.conv2d(rot.next()[0], w, None, 2, 3), device=DEVICE,
+                work=bu.Work(flops=flops, bytes=(numel["image"] + numel["conv"]) * 2))
+        return
+    # The caller's batch: float32 NCHW, as a data loader hands it over.
+    batches = [torch.randn(*image, device=DEVICE) for _ in range(bu.n_buffers(numel["image"] * 4))]
+    rot = bu.Rotation(batches)
+    work = bu.Work(flops=flops, bytes=numel["image"] * 4 + numel["pooled"] * 2)
+    if impl == "eager":
+        def step():
+            x = rot.next().to(DTYPE, memory_format=CL)
+            return F.max_pool2d(torch.relu(F.batch_norm(F.conv2d(x, w, None, 2, 3), mean, var, gamma, beta, False,
+                                                        0.0, 1e-5)), 3, 2, 1)
+
+        measure(step, device=DEVICE, work=work)
+        return
+    from resnet_fast import ops
+
+    monkeypatch.setenv("RESNET_FAST_STEM_KERNEL", "fused" if impl == "rf-triton-fused" else "conv_then_pool")
+    with _rf_ctx("triton"):
+        _run_or_skip(lambda: measure(lambda: ops.stem(rot.next(), w, None, *norm), device=DEVICE, work=work))
+        out = ops.stem(batches[0][:PARITY_ROWS], w, None, *norm)
+    x = batches[0][:PARITY_ROWS]
+    ref64 = reference.stem(x.to(DTYPE).double(), w.double(), None, *(t.double() for t in norm), 1e-5)
+    bu.check_parity(benchmark.extra_info, "out", out, reference.stem(x, w, None, *norm, 1e-5), ref64, DTYPE)

@@ -9,6 +9,7 @@ _OPS = {
     "batch_stats": reference.batch_stats,
     "batch_norm_act": reference.batch_norm_act,
     "batch_norm_act_backward": reference.batch_norm_act_backward,
+    "stem": reference.stem,
 }
 
 register_backend("torch", lambda: _OPS, priority=0, supports_device=lambda device: True)

@@ -1,4 +1,4 @@
-"""The ``"triton"`` backend: fused Triton kernels for ``conv_bn_act`` and ``add_relu``.
+"""The ``"triton"`` backend: fused Triton kernels for ``conv_bn_act``, ``add_relu`` and ``stem``.
 
 Chosen automatically for CUDA tensors (priority 20). It also runs on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``), but only when selected explicitly, which is how the tests use it.
@@ -23,8 +23,9 @@ def _load() -> dict:
         raise BackendUnavailable(f"triton is not installed ({e})") from e
     from resnet_fast.kernels.add_relu import add_relu
     from resnet_fast.kernels.conv import conv_bn_act
+    from resnet_fast.kernels.stem import stem
 
-    return {"conv_bn_act": conv_bn_act, "add_relu": add_relu}
+    return {"conv_bn_act": conv_bn_act, "add_relu": add_relu, "stem": stem}
 
 
 def _supports_device(device: torch.device) -> bool:

@@ -9,7 +9,9 @@ eager mode, ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export``.
 
 On CUDA the conv weights are kept channels_last (the layout ``model.to(memory_format=torch.channels_last)``
 gives, applied whenever the model moves to a GPU), so activations are NHWC from the first convolution on
-without a conversion pass. On CPU the model keeps torchvision's layouts.
+without a conversion pass. On CPU the model keeps torchvision's layouts. In eval mode the ImageNet stem
+(conv1, bn1, ReLU, maxpool) is one ``stem`` op that reads the caller's batch as given (a float32 batch
+for a float16/bfloat16 model too) and casts it as it loads it.
 """
 
 from typing import Any, Callable, Sequence
@@ -17,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torchvision.models.resnet as tv
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 import warnings
 
 from torchvision.models import get_model_weights
@@ -25,6 +28,7 @@ from resnet_fast import ops
 from resnet_fast.models.conv_bn import check_scriptable, fusable
 from resnet_fast.ops.functional import conv_norm_act
 from resnet_fast.ops.layout import is_channels_last
+from resnet_fast.ops.reference import STEM_CONV, STEM_POOL
 
 __all__ = [
     "BasicBlock",
@@ -302,27 +306,57 @@ class ResNet(_FusedPairs, tv.ResNet):
         weight = self.conv1.weight
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
-        if x.dtype != weight.dtype and ops.autocast_dtype(x.device) is None:
+        # A float32 image batch is fine for a half-precision model: the stem casts it (in its load when fused).
+        image_batch = x.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+        if x.dtype != weight.dtype and not image_batch and ops.autocast_dtype(x.device) is None:
             raise TypeError(
                 f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}; "
-                "cast one to the other or run under torch.autocast"
+                "cast one to the other (float32 x is fine for a float16/bfloat16 model) or run under torch.autocast"
             )
+
+    @torch.jit.unused
+    def _fused_stem(self) -> bool:
+        """Whether the stem runs as one ``stem`` op (:func:`resnet_fast.ops.stem`): in eval mode, for the
+        ImageNet stem (torchvision's 7x7 stride-2 ``conv1``, a ``bn1`` applying its running statistics, a
+        3x3 stride-2 ``maxpool``). Checked on every forward, like :func:`fusable`, so modules swapped after
+        construction are honoured; the CIFAR stem and training keep the conv + pool path."""
+        conv, norm, pool = self.conv1, self.bn1, self.maxpool
+        k, s, p = STEM_CONV
+        imagenet_conv = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == (
+            (k, k), (s, s), (p, p), (1, 1), 1
+        )
+        imagenet_pool = (
+            type(pool) is nn.MaxPool2d
+            and not pool.ceil_mode
+            and not pool.return_indices
+            and [_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
+            == [(v, v) for v in (*STEM_POOL, 1)]
+        )
+        running_stats = not norm.training and getattr(norm, "running_var", None) is not None
+        return not self.training and running_stats and imagenet_conv and imagenet_pool and self._fusable()
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]``."""
         if not torch.jit.is_scripting():
             self._check_input(x)
-        if hasattr(self.bn1, "running_var") and (torch.jit.is_scripting() or self._fusable()):
+        if not torch.jit.is_scripting() and hasattr(self.bn1, "running_var") and self._fused_stem():
             c = self.conv1
             n = self.bn1
-            x = conv_norm_act(
-                x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
-                n.running_var, n.eps, n.training, getattr(n, "momentum", None), getattr(n, "num_batches_tracked", None),
-                None, True,
-            )
+            # x as the caller gave it: the op casts it as it loads it, and returns NHWC on CUDA.
+            x = torch.ops.resnet_fast.stem(x, c.weight, c.bias, n.weight, n.bias, n.running_mean, n.running_var, n.eps)
         else:
-            x = self.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
+            x = x.to(self.conv1.weight.dtype)  # the fused stem's cast, here a pass of its own
+            if hasattr(self.bn1, "running_var") and (torch.jit.is_scripting() or self._fusable()):
+                c = self.conv1
+                n = self.bn1
+                x = conv_norm_act(
+                    x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
+                    n.running_var, n.eps, n.training, getattr(n, "momentum", None),
+                    getattr(n, "num_batches_tracked", None), None, True,
+                )
+            else:
+                x = self.relu(self.bn1(self.conv1(x)))
+            x = self.maxpool(x)
         if torch.jit.is_scripting():  # no getattr by name there; __prepare_scriptable__ checked the names
             x = self.layer1(x)
             if hasattr(self, "layer2"):

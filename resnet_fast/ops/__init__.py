@@ -1,8 +1,9 @@
 """Functional fused ops: validate, normalise, then call the ``torch.library`` op (``torch.ops.resnet_fast``).
 
 Layouts: activations are ``[N, C, H, W]`` tensors, NCHW-contiguous or channels_last (NHWC in memory);
-every op accepts both. Convolutions return channels_last when x or the weight is channels_last (the rule
-of ``F.conv2d`` on cuDNN; :func:`~resnet_fast.ops.layout.conv_output_format`), the other ops x's layout.
+every op accepts both. Convolutions (the stem included) return channels_last when x or the weight is
+channels_last (the rule of ``F.conv2d`` on cuDNN; :func:`~resnet_fast.ops.layout.conv_output_format`), the
+other ops x's layout.
 Weights are ``[C_out, C_in / groups, kH, kW]`` in any memory format; channels_last weights
 (``[C_out, kH, kW, C_in]`` in memory, what ``model.to(memory_format=torch.channels_last)`` gives) are the
 kernels' fast layout.
@@ -10,7 +11,8 @@ kernels' fast layout.
 Each op is a ``torch.library`` operator (:mod:`resnet_fast.ops.library`) with a backward, a fake
 implementation and, for the convolutions, an autocast rule: under ``torch.autocast`` x, the conv weight,
 bias and residual are cast to the autocast dtype as ``F.conv2d``'s would be, and BatchNorm tensors are
-read in float32. The op picks its kernel at run time through :mod:`resnet_fast.backends`: ``"torch"``
+read in float32 (:func:`stem` casts only the weight and bias: it casts x as it loads it). The op picks
+its kernel at run time through :mod:`resnet_fast.backends`: ``"torch"``
 (the reference, :mod:`resnet_fast.ops.reference`, every device), ``"triton"`` and ``"cuda"`` (CUDA
 kernels) where installed.
 
@@ -28,9 +30,9 @@ import torch
 from resnet_fast.ops import library  # noqa: F401  (registers torch.ops.resnet_fast.*)
 from resnet_fast.ops.functional import norm_act
 from resnet_fast.ops.layout import conv_output_size
-from resnet_fast.ops.reference import bn_scale_shift
+from resnet_fast.ops.reference import STEM_CONV, bn_scale_shift
 
-__all__ = ["add_relu", "autocast_dtype", "batch_norm_act", "conv_bias_act", "conv_bn_act", "fold_bn"]
+__all__ = ["add_relu", "autocast_dtype", "batch_norm_act", "conv_bias_act", "conv_bn_act", "fold_bn", "stem"]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -290,3 +292,56 @@ def batch_norm_act(
     _check_like(residual, x, "residual", x.shape)
     return norm_act(x, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
                     None if momentum is None else float(momentum), float(eps), residual, bool(relu))
+
+
+def stem(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The ImageNet stem in one pass: ``max_pool2d(relu(bn(conv2d(x, weight) + bias)), 3, 2, 1)`` with
+    torchvision's 7x7 stride-2 padding-3 ``conv1`` and its 3x3 stride-2 padding-1 ``maxpool``, and an
+    eval-mode BatchNorm applied from the live tensors as in :func:`conv_bn_act`.
+
+    x is read as given, in either layout and any floating dtype (typically the caller's float32 image
+    batch for a float16/bfloat16 model), and cast to the weight's dtype as it is loaded; the convolution's
+    own output is never written. Under ``torch.autocast`` the weight and bias are cast to the autocast
+    dtype (x is still cast in the load).
+
+    Args:
+        x: ``[N, C_in, H, W]``, NCHW or channels_last, any floating dtype, H and W >= 1.
+        weight: ``[C_out, C_in, 7, 7]``, floating; its dtype is the compute and output dtype.
+        bias: ``[C_out]`` in the weight's dtype, or None.
+        bn_weight, bn_bias: ``[C_out]`` affine parameters (any floating dtype) or None (1 and 0).
+        running_mean, running_var: ``[C_out]`` statistics (any floating dtype), or both None for no BatchNorm.
+        eps: the BatchNorm's epsilon.
+    Returns:
+        ``[N, C_out, H_pool, W_pool]`` in the weight's dtype, channels_last if x or the weight is
+        (``H_pool = (H_conv - 1) // 2 + 1`` with ``H_conv = (H - 1) // 2 + 1``).
+    """
+    _check_activation(x, "x")
+    expected = (x.shape[1], STEM_CONV[0], STEM_CONV[0])
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[1:]) != expected:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a [C_out, {', '.join(map(str, expected))}] tensor (x has {x.shape[1]} "
+                         f"channels), got {shape}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must hold images of at least 1x1, got shape {tuple(x.shape)}")
+    c_out = weight.shape[0]
+    _check_like(weight, x, "weight", dtype=False)
+    _check_like(bias, x, "bias", (c_out,), dtype=False)
+    if bias is not None and bias.dtype != weight.dtype and autocast_dtype(x.device) is None:
+        raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; expected the same dtype")
+    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"), (running_mean, "running_mean"),
+                    (running_var, "running_var")):
+        _check_like(t, x, name, (c_out,), dtype=False)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if running_var is None and (bn_weight is not None or bn_bias is not None):
+        raise ValueError("bn_weight and bn_bias need running_mean and running_var (a BatchNorm to apply)")
+    return torch.ops.resnet_fast.stem(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps))

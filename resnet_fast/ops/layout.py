@@ -38,10 +38,13 @@ def conv_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_fo
     return torch.channels_last if is_channels_last(x) or is_channels_last(weight) else torch.contiguous_format
 
 
-def empty_conv_output(x: torch.Tensor, weight: torch.Tensor, h_out: int, w_out: int) -> torch.Tensor:
-    """The uninitialised ``[N, C_out, H_out, W_out]`` output of a convolution of x by weight, in x's dtype
-    and :func:`conv_output_format` (every kernel and the fake implementation allocate through here)."""
-    return torch.empty((x.shape[0], weight.shape[0], h_out, w_out), dtype=x.dtype, device=x.device,
+def empty_conv_output(
+    x: torch.Tensor, weight: torch.Tensor, h_out: int, w_out: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The uninitialised ``[N, C_out, H_out, W_out]`` output of a convolution of x by weight, in ``dtype``
+    (default x's; the stem computes in the weight's) and :func:`conv_output_format` (every kernel and the
+    fake implementation allocate through here)."""
+    return torch.empty((x.shape[0], weight.shape[0], h_out, w_out), dtype=dtype or x.dtype, device=x.device,
                        memory_format=conv_output_format(x, weight))
 
 

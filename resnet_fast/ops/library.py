@@ -20,6 +20,8 @@ Ops (schemas below):
   that of batch statistics.
 * ``batch_norm_act_backward``: its gradients (an op of its own so a compiled backward dispatches at run
   time too).
+* ``stem``: the ImageNet stem, ``max_pool2d(relu(bn(conv2d(x, weight) + bias)), 3, 2, 1)`` with the 7x7
+  stride-2 convolution, on x cast to the weight's dtype.
 
 The sequences the models and the public functions run (training BatchNorm: statistics, update,
 normalisation) are written once, TorchScript-compatibly, in :mod:`resnet_fast.ops.functional`.
@@ -29,15 +31,18 @@ Call them through :mod:`resnet_fast.ops`, which validates arguments first; the m
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Callable
+
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 
 from resnet_fast import backends
 from resnet_fast.ops import layout
 from resnet_fast.ops.layout import activation_format, conv_output_size
-from resnet_fast.ops.reference import bn_scale_shift
+from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, stem_sizes
 
-__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act"]
+__all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "stem"]
 
 _REDUCE = (0, 2, 3)
 _CHANNEL = (1, -1, 1, 1)
@@ -128,34 +133,42 @@ def autocast_conv_inputs(device_type: str, x, weight, bias, residual) -> tuple:
     return cast(x), cast(weight), cast(bias), cast(residual)
 
 
-def _autocast_kernel(device_type: str):
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
-
-    def kernel(_keyset, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
-               dilation, groups, residual, relu):
-        x, weight, bias, residual = autocast_conv_inputs(device_type, x, weight, bias, residual)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return torch.ops.resnet_fast.conv_bn_act(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
-                groups, residual, relu,
-            )
-
-    return key, kernel
-
-
 _lib = torch.library.Library("resnet_fast", "FRAGMENT")
-for _device in ("cpu", "cuda"):
-    _key, _kernel = _autocast_kernel(_device)
-    _lib.impl("conv_bn_act", _kernel, _key.name, with_keyset=True)
+
+
+def _register_autocast(op: str, cast: Callable[[str, tuple], tuple]) -> None:
+    """The op's autocast rule on CPU and CUDA: ``cast(device_type, args)`` under autocast, then the op with
+    autocast excluded (torch.library's ``register_autocast`` casts to one fixed dtype only)."""
+    for device_type in ("cpu", "cuda"):
+        key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+        def kernel(_keyset, *args, device_type=device_type, key=key):
+            args = cast(device_type, args)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                return getattr(torch.ops.resnet_fast, op)(*args)
+
+        _lib.impl(op, kernel, key.name, with_keyset=True)
+
+
+def _cast_conv_args(device_type: str, args: tuple) -> tuple:
+    x, weight, bias, *rest = args
+    x, weight, bias, residual = autocast_conv_inputs(device_type, x, weight, bias, rest[9])
+    return (x, weight, bias, *rest[:9], residual, rest[10])
+
+
+_register_autocast("conv_bn_act", _cast_conv_args)
 
 
 def _plain_inference(x: torch.Tensor) -> bool:
-    """Nothing traces, compiles or differentiates this call, and x is a plain tensor (no subclass, no fake)."""
+    """Nothing traces, compiles, differentiates or intercepts this call (no Python dispatch or function
+    mode: a flop counter or debug mode sees the op itself), and x is a plain tensor (no subclass, no fake)."""
     return (
         type(x) is torch.Tensor
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and torch._C._get_tracing_state() is None
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
     )
 
 
@@ -321,3 +334,63 @@ def _batch_norm_act_backward_fake(grad_out, x, out, weight, mean, var, eps, trai
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
     grad_res = torch.empty_like(grad_out) if residual_grad else x.new_empty((0,))
     return grad_x, channel, channel.clone(), grad_res
+
+
+# ----------------------------------------------------------------------------------------------------- stem
+@custom_op(
+    "resnet_fast::stem",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
+    "Tensor? running_var, float eps) -> Tensor",
+)
+def stem(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    return backends.call("stem", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, device=x.device)
+
+
+@register_fake("resnet_fast::stem")
+def _stem_fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    h, w = stem_sizes(x.shape[2])[1], stem_sizes(x.shape[3])[1]
+    return layout.empty_conv_output(x, weight, h, w, dtype=weight.dtype)
+
+
+def _stem_setup(ctx, inputs, output):
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var)
+    ctx.eps = eps
+    ctx.dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in inputs[:7]]
+
+
+def _stem_backward(ctx, grad):
+    """The max-pool's gradient, routed by its argmax over the recomputed pre-pool activation (the forward
+    never stores it), then ``conv_bn_act``'s backward (:func:`_conv_bn_act_backward`) from there."""
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
+    x_cast = x.to(weight.dtype)
+    _, stride, padding = STEM_CONV
+    conv = ([stride] * 2, [padding] * 2, [1, 1], 1)
+    act = torch.ops.resnet_fast.conv_bn_act(x_cast, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                            ctx.eps, *conv, None, True)
+    pool = [[v] * 2 for v in STEM_POOL]
+    _, argmax = torch.ops.aten.max_pool2d_with_indices(act, *pool)
+    grad_act = torch.ops.aten.max_pool2d_with_indices_backward(grad, act, *pool, [1, 1], False, argmax)
+    # conv_bn_act's inputs are the stem's first seven, then geometry and residual (no gradient).
+    conv_ctx = SimpleNamespace(
+        saved_tensors=(x_cast, weight, bias, bn_weight, running_mean, running_var, act),
+        needs_input_grad=tuple(ctx.needs_input_grad[:7]) + (False,) * 7,
+        conv=conv, eps=ctx.eps, relu=True, dtypes=ctx.dtypes + [None] * 7,
+    )
+    return *_conv_bn_act_backward(conv_ctx, grad_act)[:7], None
+
+
+register_autograd("resnet_fast::stem", _stem_backward, setup_context=_stem_setup)
+
+
+def _cast_stem_args(device_type: str, args: tuple) -> tuple:
+    """Under ``torch.autocast`` the conv weight and bias are cast, as ``F.conv2d``'s would be, and the op
+    computes in their dtype; x is left as given (the op casts it as it loads it, rather than in a pass of
+    its own over the image batch), and the BatchNorm tensors are read as they are."""
+    x, weight, bias, *batch_norm = args
+    _, weight, bias, _ = autocast_conv_inputs(device_type, None, weight, bias, None)
+    return (x, weight, bias, *batch_norm)
+
+
+_register_autocast("stem", _cast_stem_args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from resnet_fast.ops.layout import activation_format, conv_output_format
+from resnet_fast.ops.layout import activation_format, conv_output_format, conv_output_size
 
 _CHANNEL = (1, -1, 1, 1)
 
@@ -113,6 +113,9 @@ def batch_norm_act(
 
     Returns x's dtype, in :func:`~resnet_fast.ops.layout.activation_format`.
     """
+    # torch's batch norm takes low-precision x with float32 parameters, but parameters and statistics of
+    # one dtype: a half model's affine parameters meet float32 batch statistics here.
+    weight, bias = (None if t is None else t.to(mean.dtype) for t in (weight, bias))
     out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     if residual is not None:
         out += residual  # out is fresh and no autograd runs here: in place, as torchvision does
@@ -167,3 +170,39 @@ def batch_norm_act_backward(
     grad_weight = (g.to(compute) * xhat).sum(dim=(0, 2, 3))
     grad_bias = g.sum(dim=(0, 2, 3), dtype=compute)
     return grad_x.contiguous(memory_format=fmt), grad_weight, grad_bias, grad_residual
+
+
+# ---------------------------------------------------------------------------------------------------- stem
+# The ImageNet stem's geometry, (kernel, stride, padding) of each stage: torchvision's conv1 and maxpool.
+STEM_CONV = (7, 2, 3)
+STEM_POOL = (3, 2, 1)
+
+
+def stem_sizes(size: int) -> tuple[int, int]:
+    """The stem's (convolution, pooled) output sizes along one axis of ``size`` input pixels."""
+    conv = conv_output_size(size, STEM_CONV[0], STEM_CONV[1], STEM_CONV[2], 1)
+    return conv, conv_output_size(conv, STEM_POOL[0], STEM_POOL[1], STEM_POOL[2], 1)
+
+
+def stem(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """The ImageNet stem, ``max_pool2d(relu(bn(conv2d(x, weight) + bias)), 3, 2, 1)`` with the 7x7 stride-2
+    padding-3 convolution (:data:`STEM_CONV`, :data:`STEM_POOL`), as torchvision computes it on x cast to
+    the weight's dtype (the compute dtype). Without ``running_var`` there is no BatchNorm.
+
+    Returns:
+        ``[N, C_out, H_pool, W_pool]`` in the weight's dtype and
+        :func:`~resnet_fast.ops.layout.conv_output_format` of x and the weight.
+    """
+    _, stride, padding = STEM_CONV
+    out = conv_bn_act(x.to(weight.dtype), weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                      (stride, stride), (padding, padding), (1, 1), 1, None, True)
+    return F.max_pool2d(out, *STEM_POOL).contiguous(memory_format=conv_output_format(x, weight))
