@@ -31,7 +31,10 @@ def _plain_norm(norm: nn.Module) -> bool:
 def fusable(*pairs: tuple[nn.Module, nn.Module]) -> bool:
     """Whether every (conv, norm) pair can run as :func:`conv_norm_act` (checked on every Python-mode
     forward, so modules swapped after construction are honoured)."""
-    return all(_plain_conv(conv) and _plain_norm(norm) for conv, norm in pairs)
+    for conv, norm in pairs:
+        if not (_plain_conv(conv) and _plain_norm(norm)):
+            return False
+    return True
 
 
 def check_scriptable(module: nn.Module, pairs: list[tuple[nn.Module, nn.Module]]) -> None:

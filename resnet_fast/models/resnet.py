@@ -14,18 +14,18 @@ without a conversion pass. On CPU the model keeps torchvision's layouts. In eval
 for a float16/bfloat16 model too) and casts it as it loads it.
 """
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torchvision.models.resnet as tv
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
-import warnings
-
 from torchvision.models import get_model_weights
 
 from resnet_fast import ops
 from resnet_fast.models.conv_bn import check_scriptable, fusable
+from resnet_fast.ops import library
 from resnet_fast.ops.functional import conv_norm_act
 from resnet_fast.ops.layout import is_channels_last
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL
@@ -343,7 +343,7 @@ class ResNet(_FusedPairs, tv.ResNet):
             c = self.conv1
             n = self.bn1
             # x as the caller gave it: the op casts it as it loads it, and returns NHWC on CUDA.
-            x = torch.ops.resnet_fast.stem(x, c.weight, c.bias, n.weight, n.bias, n.running_mean, n.running_var, n.eps)
+            x = library.call("stem", x, c.weight, c.bias, n.weight, n.bias, n.running_mean, n.running_var, n.eps)
         else:
             x = x.to(self.conv1.weight.dtype)  # the fused stem's cast, here a pass of its own
             if hasattr(self.bn1, "running_var") and (torch.jit.is_scripting() or self._fusable()):

@@ -77,9 +77,9 @@ def conv_norm_act(
                 groups, residual, relu,
             )
         else:  # not compiled by TorchScript: plain eager inference skips the op's dispatch
-            return library.call_conv_bn_act(
-                x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
-                groups, residual, relu,
+            return library.call(
+                "conv_bn_act", x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride,
+                padding, dilation, groups, residual, relu,
             )
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return norm_act(out, norm_weight, norm_bias, running_mean, running_var, num_batches_tracked, training, momentum,

@@ -136,9 +136,13 @@ def autocast_conv_inputs(device_type: str, x, weight, bias, residual) -> tuple:
 _lib = torch.library.Library("resnet_fast", "FRAGMENT")
 
 
+_AUTOCAST_RULES: dict[str, Callable[[str, tuple], tuple]] = {}
+
+
 def _register_autocast(op: str, cast: Callable[[str, tuple], tuple]) -> None:
     """The op's autocast rule on CPU and CUDA: ``cast(device_type, args)`` under autocast, then the op with
     autocast excluded (torch.library's ``register_autocast`` casts to one fixed dtype only)."""
+    _AUTOCAST_RULES[op] = cast
     for device_type in ("cpu", "cuda"):
         key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
@@ -172,22 +176,17 @@ def _plain_inference(x: torch.Tensor) -> bool:
     )
 
 
-def call_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
-                     groups, residual, relu):
-    """``torch.ops.resnet_fast.conv_bn_act``, or in plain eager inference the kernel it would dispatch to,
+def call(op: str, *args):
+    """``torch.ops.resnet_fast.<op>(*args)``, or in plain eager inference the kernel it would dispatch to,
     directly: the op's dispatch (autograd and autocast keys, the Python custom-op wrapper) costs more than
-    a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``)."""
+    a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``), same
+    autocast rule. For the ops with one (``conv_bn_act``, ``stem``), x first."""
+    x = args[0]
     if _plain_inference(x):
         if torch.is_autocast_enabled(x.device.type):
-            x, weight, bias, residual = autocast_conv_inputs(x.device.type, x, weight, bias, residual)
-        return backends.call(
-            "conv_bn_act", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, tuple(stride),
-            tuple(padding), tuple(dilation), groups, residual, relu, device=x.device,
-        )
-    return torch.ops.resnet_fast.conv_bn_act(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation, groups,
-        residual, relu,
-    )
+            args = _AUTOCAST_RULES[op](x.device.type, args)
+        return backends.call(op, *args, device=x.device)
+    return getattr(torch.ops.resnet_fast, op)(*args)
 
 
 # ------------------------------------------------------------------------------------------------- add_relu
