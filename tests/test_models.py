@@ -335,6 +335,19 @@ def test_batch_of_zero(train, converted):
             assert torch.equal(b, before[name]), name  # an empty batch trains no statistic
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_meta_device_forward_gives_torchvisions_shapes(train, grad):
+    """A model on the meta device (shape inference, deferred init before ``to_empty``) runs its forward
+    like torchvision's, in both modes, with and without autograd: no kernel runs, only shapes."""
+    tv, rf = (m.to("meta").train(train) for m in model_pair("resnet18", num_classes=6))
+    x = torch.empty(2, 3, 40, 24, device="meta")
+    with torch.set_grad_enabled(grad), resnet_fast.backend("torch", strict=True):
+        out = rf(x)
+        features = rf.forward_features(x)
+    assert out.device.type == "meta" and out.shape == tv(x).shape == (2, 6)
+    assert features.shape == (2, 512, 2, 1)
+
 def test_legacy_pretrained_keyword(monkeypatch):
     """torchvision's deprecated ``pretrained=`` (pytorch/examples' ImageNet script passes it): False builds
     a fresh model with torchvision's warning; True asks for IMAGENET1K_V1 like torchvision."""

@@ -183,8 +183,9 @@ def call(op: str, *args):
     autocast rule. For the ops with one (``conv_bn_act``, ``stem``), x first."""
     x = args[0]
     if _plain_inference(x):
-        if torch.is_autocast_enabled(x.device.type):
-            args = _AUTOCAST_RULES[op](x.device.type, args)
+        device_type = x.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            args = _AUTOCAST_RULES[op](device_type, args)
         return backends.call(op, *args, device=x.device)
     return getattr(torch.ops.resnet_fast, op)(*args)
 
