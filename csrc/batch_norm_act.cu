@@ -1,20 +1,20 @@
 // Fused BatchNorm (+ residual) (+ ReLU) for [N, C, H, W] activations, NHWC (channels_last) first,
 // NCHW supported. fp32 arithmetic and accumulation for every dtype.
 //
-// Forward, training:
-//   1. stats: per-channel Welford (mean, M2, count) over M = N*H*W elements. Each block reduces a
-//      slice of rows to one partial per channel ([P, C] workspace); a finalize kernel merges the P
-//      partials with Chan's formula (numerically stable; never E[x^2] - E[x]^2), writes mean and
-//      invstd = 1 / sqrt(var_biased + eps), and updates the running statistics exactly like
-//      torch.nn.functional.batch_norm:  running = (1 - momentum) * running + momentum * batch,
-//      with the unbiased variance M2 / (M - 1) for running_var.
-//   2. apply: out = relu?((x - mean) * invstd * weight + bias + residual), one elementwise pass.
-// Forward, eval: mean = running_mean, invstd = 1 / sqrt(running_var + eps), then the same apply.
+// Forward: statistics and normalisation are separate launches (ops bn_stats and bn_act), so that
+// training and eval share one normalisation and the running-statistics update stays with the caller.
+//   stats: per-channel Welford (mean, M2, count) over M = N*H*W elements. Each block reduces a slice
+//      of rows to one partial per channel ([P, C] workspace), so that every SM has work even when C
+//      is small; a finalize kernel merges the P partials with Chan's formula (numerically stable;
+//      never E[x^2] - E[x]^2) into mean and biased var = M2 / M.
+//   apply: out = relu?((x - mean) * invstd * weight + bias + residual), one elementwise pass, with
+//      invstd = 1 / sqrt(var + eps) computed per channel by the host code.
 //
 // Backward (g = grad_out masked by out > 0 when relu):
 //   sum_dy = sum(g), sum_dy_xmu = sum(g * (x - mean))            (same two-level reduction)
 //   grad_weight = sum_dy_xmu * invstd, grad_bias = sum_dy, grad_residual = g
 //   training: grad_x = (g - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M) * invstd * weight
+//             (mean and invstd are the batch's, which depend on x)
 //   eval:     grad_x = g * invstd * weight
 #include "common.cuh"
 
@@ -158,26 +158,16 @@ __global__ void stats_nchw_kernel(const T* __restrict__ x, int64_t N, int64_t C,
   }
 }
 
-// Merges the P partials of each channel. Optional outputs (nullptr = skip): invstd, biased var and the
-// running statistics (updated in place).
+// Merges the P partials of each channel.
 __global__ void stats_finalize_kernel(const float* __restrict__ p_mean, const float* __restrict__ p_m2,
-                                      const float* __restrict__ p_n, int64_t P, int64_t C, float eps,
-                                      float momentum, float* __restrict__ mean_out, float* __restrict__ invstd_out,
-                                      float* __restrict__ var_out, float* __restrict__ running_mean,
-                                      float* __restrict__ running_var) {
+                                      const float* __restrict__ p_n, int64_t P, int64_t C,
+                                      float* __restrict__ mean_out, float* __restrict__ var_out) {
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float mean = 0.f, m2 = 0.f, n = 0.f;
     for (int64_t p = 0; p < P; ++p) welford_merge(mean, m2, n, p_mean[p * C + c], p_m2[p * C + c], p_n[p * C + c]);
-    const float var = m2 / n;  // n = M >= 1 (checked on the host)
     mean_out[c] = mean;
-    if (invstd_out != nullptr) invstd_out[c] = 1.f / sqrtf(var + eps);
-    if (var_out != nullptr) var_out[c] = var;
-    if (running_mean != nullptr) running_mean[c] = momentum * mean + (1.f - momentum) * running_mean[c];
-    if (running_var != nullptr) {
-      const float unbiased = m2 / (n - 1.f);  // M > 1 when running stats are updated (checked on the host)
-      running_var[c] = momentum * unbiased + (1.f - momentum) * running_var[c];
-    }
+    var_out[c] = m2 / n;  // n = M >= 1 (checked on the host)
   }
 }
 
@@ -397,12 +387,10 @@ void launch_bn_stats_partials(const T* x, const BnGeometry& g, int64_t P, float*
 }
 
 void launch_bn_stats_finalize(const float* p_mean, const float* p_m2, const float* p_n, int64_t P, int64_t C,
-                              float eps, float momentum, float* mean_out, float* invstd_out, float* var_out,
-                              float* running_mean, float* running_var, cudaStream_t stream) {
+                              float* mean_out, float* var_out, cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>((C + kChannelThreads - 1) / kChannelThreads);
   const auto kernel = &stats_finalize_kernel;
-  RF_LAUNCH(kernel, blocks, kChannelThreads, stream, p_mean, p_m2, p_n, P, C, eps, momentum, mean_out, invstd_out,
-      var_out, running_mean, running_var);
+  RF_LAUNCH(kernel, blocks, kChannelThreads, stream, p_mean, p_m2, p_n, P, C, mean_out, var_out);
 }
 
 template <typename T>

@@ -47,11 +47,9 @@ constexpr int kChannelThreads = 256;
 template <typename T>
 void launch_bn_stats_partials(const T* x, const BnGeometry& g, int64_t P, float* p_mean, float* p_m2, float* p_n,
                               cudaStream_t stream);
-// Merges the P partials; writes mean and optionally invstd = 1/sqrt(var + eps), biased var, and the
-// running statistics update (nullptr = skip).
+// Merges the P partials into mean and biased var (M2 / M); M >= 1 (checked by the caller).
 void launch_bn_stats_finalize(const float* p_mean, const float* p_m2, const float* p_n, int64_t P, int64_t C,
-                              float eps, float momentum, float* mean_out, float* invstd_out, float* var_out,
-                              float* running_mean, float* running_var, cudaStream_t stream);
+                              float* mean_out, float* var_out, cudaStream_t stream);
 // out = relu?((x - mean) * invstd * weight + bias + residual); res, weight, bias may be nullptr.
 // vectorized: 16-byte aligned pointers and packs that never cross a channel (NHWC: C % vec == 0;
 // NCHW: HW % vec == 0).

@@ -2,8 +2,9 @@
 // (torch.ops.resnet_fast_cuda.*). Kernels and their launchers: add_relu.cu, batch_norm_act.cu (kernels.h).
 //
 // Schemas are the contract shared with the Python side (resnet_fast/backends/cuda_backend.py), which
-// adds the fake (meta) implementations used by torch.compile and the autograd formulas.
-// bn_act_forward mutates the running statistics in place, hence Tensor(a!)? / Tensor(b!)?.
+// adds the fake (meta) implementations used by torch.compile and the autograd formulas. No op mutates
+// its inputs: the running-statistics update is the library's (resnet_fast/ops/library.py), so the
+// training forward is bn_stats then bn_act with the statistics it returned, and eval is bn_act alone.
 //
 // Light headers only (no ATen/cuda/CUDAContext.h, which pulls cusparse.h): ../shared/TOOLCHAIN.md.
 #include <ATen/core/Tensor.h>
@@ -197,13 +198,18 @@ unsigned int elementwise_blocks(const BnGeometry& g, bool vectorized, int vec) {
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
-// A per-channel parameter as a contiguous float32 [C] tensor (undefined if absent).
-at::Tensor channel_param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t C, const char* name) {
+// A per-channel tensor as a contiguous float32 [C] tensor, the form the kernels index.
+at::Tensor channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t C, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape [", C, "], got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+  return t.to(at::kFloat).contiguous();
+}
+
+// An optional per-channel parameter (weight, bias) likewise; undefined if absent.
+at::Tensor channel_param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t C, const char* op,
+                         const char* name) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "batch_norm_act: ", name, " must have shape [", C, "], got ",
-              t->sizes());
-  TORCH_CHECK(t->device() == x.device(), "batch_norm_act: ", name, " must be on x's device, got ", t->device());
-  return t->to(at::kFloat).contiguous();
+  return channel_vector(*t, x, C, op, name);
 }
 
 void check_input(const at::Tensor& x, const char* op) {
@@ -214,9 +220,8 @@ void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.size(1) <= 2147483647LL, op, ": too many channels");
 }
 
-// Batch statistics of xc (contiguous in the geometry's layout) into float32 [C] outputs.
-void run_stats(const at::Tensor& xc, const BnGeometry& g, float eps, float momentum, float* mean_out,
-               float* invstd_out, float* var_out, float* running_mean, float* running_var) {
+// Batch mean and biased variance of xc (contiguous in the geometry's layout) into float32 [C] outputs.
+void run_stats(const at::Tensor& xc, const BnGeometry& g, float* mean_out, float* var_out) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t P = reduction_partials(g);
   at::Tensor ws = at::empty({3, P, g.C}, xc.options().dtype(at::kFloat));
@@ -227,8 +232,7 @@ void run_stats(const at::Tensor& xc, const BnGeometry& g, float eps, float momen
     launch_bn_stats_partials<scalar_t>(xc.const_data_ptr<scalar_t>(), g, P, p_mean, p_m2, p_n, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  launch_bn_stats_finalize(p_mean, p_m2, p_n, P, g.C, eps, momentum, mean_out, invstd_out, var_out, running_mean,
-                           running_var, stream);
+  launch_bn_stats_finalize(p_mean, p_m2, p_n, P, g.C, mean_out, var_out, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -242,85 +246,49 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
   at::Tensor mean = at::empty({g.C}, x.options().dtype(at::kFloat));
   at::Tensor var = at::empty({g.C}, x.options().dtype(at::kFloat));
   if (g.C == 0) return {mean, var};
-  run_stats(xc, g, 0.f, 0.f, mean.mutable_data_ptr<float>(), nullptr, var.mutable_data_ptr<float>(), nullptr,
-            nullptr);
+  run_stats(xc, g, mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
   return {mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_forward_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double momentum, double eps, const std::optional<at::Tensor>& residual, bool relu) {
-  check_input(x, "bn_act_forward");
+// Normalisation with given statistics (the batch's from bn_stats when training, the running ones in
+// eval). invstd is computed here, once per channel, rather than per element in the kernel.
+at::Tensor bn_act_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                       double eps, const std::optional<at::Tensor>& residual, bool relu) {
+  check_input(x, "bn_act");
   c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = pick_format(x);
   const at::Tensor xc = in_format(x, fmt);
   const BnGeometry g = geometry_of(xc, fmt);
-  const bool has_rm = running_mean.has_value() && running_mean->defined();
-  const bool has_rv = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_rm == has_rv, "bn_act_forward: running_mean and running_var must both be given or both be None");
-  TORCH_CHECK(training || has_rm, "bn_act_forward: training=False needs running_mean and running_var");
-  if (has_rm) {
-    TORCH_CHECK(running_mean->numel() == g.C && running_var->numel() == g.C,
-                "bn_act_forward: running statistics must have ", g.C, " elements");
-    TORCH_CHECK(running_mean->device() == x.device() && running_var->device() == x.device(),
-                "bn_act_forward: running statistics must be on x's device");
-  }
-
-  const at::Tensor w = channel_param(weight, x, g.C, "weight");
-  const at::Tensor b = channel_param(bias, x, g.C, "bias");
+  const at::Tensor mean_f = channel_vector(mean, x, g.C, "bn_act", "mean");
+  const at::Tensor invstd = channel_vector(var, x, g.C, "bn_act", "var").add(eps).sqrt().reciprocal();
+  const at::Tensor w = channel_param(weight, x, g.C, "bn_act", "weight");
+  const at::Tensor b = channel_param(bias, x, g.C, "bn_act", "bias");
   at::Tensor rc;
   if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
-                    residual->device() == x.device(),
-                "bn_act_forward: residual must match x in shape, dtype and device");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "bn_act: residual must have x's shape ", x.sizes(), ", got ",
+                residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "bn_act: residual must have x's dtype ",
+                x.scalar_type(), ", got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == x.device(), "bn_act: residual must be on x's device ", x.device(), ", got ",
+                residual->device());
     rc = in_format(*residual, fmt);
   }
-  const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor out = at::empty_like(xc);
-  at::Tensor save_mean, save_invstd;
+  if (xc.numel() == 0) return out;
 
-  if (training) {
-    TORCH_CHECK(g.M > 1, "bn_act_forward: expected more than 1 value per channel when training, got input size ",
-                x.sizes());
-    save_mean = at::empty({g.C}, fopt);
-    save_invstd = at::empty({g.C}, fopt);
-    at::Tensor rm, rv;
-    if (has_rm) {
-      // The kernels update float32 contiguous buffers; other dtypes/strides go through a copy written back.
-      auto as_f32 = [](const at::Tensor& t) {
-        return (t.scalar_type() == at::kFloat && t.is_contiguous()) ? t : t.to(at::kFloat).contiguous();
-      };
-      rm = as_f32(*running_mean);
-      rv = as_f32(*running_var);
-    }
-    if (g.C > 0) {
-      run_stats(xc, g, static_cast<float>(eps), static_cast<float>(momentum), save_mean.mutable_data_ptr<float>(),
-                save_invstd.mutable_data_ptr<float>(), nullptr, has_rm ? rm.mutable_data_ptr<float>() : nullptr,
-                has_rm ? rv.mutable_data_ptr<float>() : nullptr);
-    }
-    if (has_rm) {
-      if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
-      if (!rv.is_same(*running_var)) running_var->copy_(rv);
-    }
-  } else {
-    save_mean = running_mean->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    save_invstd = running_var->to(at::kFloat).add(eps).sqrt().reciprocal().contiguous();
-  }
-
-  if (xc.numel() == 0) return {out, save_mean, save_invstd};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  RF_DISPATCH(x.scalar_type(), "bn_act_forward", [&] {
+  RF_DISPATCH(x.scalar_type(), "bn_act", [&] {
     using T = scalar_t;
     const T* xp = xc.const_data_ptr<T>();
     const T* rp = rc.defined() ? rc.const_data_ptr<T>() : nullptr;
     T* op = out.mutable_data_ptr<T>();
     const bool vec = can_vectorize<T>(g, {xp, rp, op});
-    launch_bn_apply<T>(xp, rp, op, g, vec, save_mean.const_data_ptr<float>(), save_invstd.const_data_ptr<float>(),
+    launch_bn_apply<T>(xp, rp, op, g, vec, mean_f.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
                        ptr_or_null(w), ptr_or_null(b), relu, elementwise_blocks(g, vec, vec_elems<T>()), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, save_mean, save_invstd};
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
@@ -342,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
               "bn_act_backward: save_mean and save_invstd must have C elements");
   const at::Tensor mean = save_mean.to(at::kFloat).contiguous();
   const at::Tensor invstd = save_invstd.to(at::kFloat).contiguous();
-  const at::Tensor w = channel_param(weight, x, g.C, "weight");
+  const at::Tensor w = channel_param(weight, x, g.C, "bn_act_backward", "weight");
 
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor grad_x = at::empty_like(xc);
@@ -389,9 +357,8 @@ TORCH_LIBRARY(resnet_fast_cuda, m) {
   m.def("add_relu(Tensor x, Tensor y) -> Tensor");
   m.def("bn_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def(
-      "bn_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "bool training, float momentum, float eps, Tensor? residual, bool relu) "
-      "-> (Tensor out, Tensor save_mean, Tensor save_invstd)");
+      "bn_act(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, float eps, Tensor? residual, "
+      "bool relu) -> Tensor");
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, bool relu, bool residual_grad) "
@@ -401,6 +368,6 @@ TORCH_LIBRARY(resnet_fast_cuda, m) {
 TORCH_LIBRARY_IMPL(resnet_fast_cuda, CUDA, m) {
   m.impl("add_relu", &resnet_fast::add_relu_cuda);
   m.impl("bn_stats", &resnet_fast::bn_stats_cuda);
-  m.impl("bn_act_forward", &resnet_fast::bn_act_forward_cuda);
+  m.impl("bn_act", &resnet_fast::bn_act_cuda);
   m.impl("bn_act_backward", &resnet_fast::bn_act_backward_cuda);
 }

@@ -11,7 +11,6 @@
 
 #include <ucontext.h>
 
-#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>

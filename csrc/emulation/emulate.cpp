@@ -52,11 +52,9 @@ void emu_bn_stats_partials(int dt, const void* x, int64_t N, int64_t C, int64_t 
                                                                nullptr))
 }
 
-void emu_bn_stats_finalize(const float* p_mean, const float* p_m2, const float* p_n, int64_t P, int64_t C, float eps,
-                           float momentum, float* mean, float* invstd, float* var, float* running_mean,
-                           float* running_var) {
-  resnet_fast::launch_bn_stats_finalize(p_mean, p_m2, p_n, P, C, eps, momentum, mean, invstd, var, running_mean,
-                                        running_var, nullptr);
+void emu_bn_stats_finalize(const float* p_mean, const float* p_m2, const float* p_n, int64_t P, int64_t C, float* mean,
+                           float* var) {
+  resnet_fast::launch_bn_stats_finalize(p_mean, p_m2, p_n, P, C, mean, var, nullptr);
 }
 
 void emu_bn_apply(int dt, const void* x, const void* res, void* out, int64_t N, int64_t C, int64_t HW, int nhwc,

@@ -5,8 +5,9 @@ library ops (:mod:`resnet_fast.ops.library`, which own the fake implementations 
 
 * ``add_relu(x, y)``: ``relu(x + y)``, 16-byte vectorised.
 * ``bn_stats(x) -> (mean, var)``: per-channel batch statistics (float32, biased variance), Welford.
-* ``bn_act_forward(x, weight, bias, running_mean!, running_var!, training, momentum, eps, residual, relu)
-  -> (out, save_mean, save_invstd)``: ``relu?(batch_norm(x) + residual)``, running stats updated in place.
+* ``bn_act(x, weight, bias, mean, var, eps, residual, relu) -> out``:
+  ``relu?((x - mean) * rsqrt(var + eps) * weight + bias + residual)`` with the statistics given (the
+  batch's from ``bn_stats`` when training, the running ones in eval; the library updates those).
 * ``bn_act_backward(grad_out, x, out, weight, save_mean, save_invstd, training, relu, residual_grad)
   -> (grad_x, grad_weight, grad_bias, grad_residual)``.
 
@@ -30,7 +31,7 @@ from resnet_fast.ops.layout import like_layout
 
 __all__ = ["OPS", "SOURCES", "add_relu", "batch_norm_act", "batch_norm_act_backward", "batch_stats", "load_library"]
 
-OPS = ("add_relu", "bn_stats", "bn_act_forward", "bn_act_backward")
+OPS = ("add_relu", "bn_stats", "bn_act", "bn_act_backward")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.RLock()
@@ -91,7 +92,8 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.ops.resnet_fast_cuda.add_relu(like_layout(x, like), like_layout(y, like))
 
 
-def batch_stats(x):
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance (float32), by the ``bn_stats`` kernels."""
     _check_dtype(x, "batch_stats")
     if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         # Empty batches and one value per channel: the reference's answer (and error message).
@@ -99,13 +101,22 @@ def batch_stats(x):
     return torch.ops.resnet_fast_cuda.bn_stats(x)
 
 
-def batch_norm_act(x, weight, bias, mean, var, eps, residual, relu):
+def batch_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    """``relu?(batch_norm(x; mean, var) + residual)`` by the ``bn_act`` kernel; training or eval is only
+    which statistics the library passes, so the kernel does not need to know."""
     _check_dtype(x, "batch_norm_act")
     if x.numel() == 0:
         raise Unsupported("batch_norm_act: empty input")
-    # The kernel normalises with given statistics on its eval path (its own training path, which also
-    # computes and updates them, is split into batch_stats and update_running_stats by the library).
-    return torch.ops.resnet_fast_cuda.bn_act_forward(x, weight, bias, mean, var, False, 0.0, eps, residual, relu)[0]
+    return torch.ops.resnet_fast_cuda.bn_act(x, weight, bias, mean, var, eps, residual, relu)
 
 
 def batch_norm_act_backward(grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad):
