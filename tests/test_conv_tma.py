@@ -35,6 +35,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def _tf32_as_torch_default(monkeypatch):
+    """TF32 on for convolutions, torch's default (conftest turns it off): on a GPU the TMA families take
+    float32 only with it, and check_conv then holds float32 to twice torch's own TF32 error."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+
 @pytest.fixture
 def force(monkeypatch):
     """``force(name)`` sets ``RESNET_FAST_CONV_KERNEL`` for the test (None: the table's defaults)."""
@@ -109,17 +116,18 @@ def test_gemm_tma_parity(case, family, force):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype,tf32", [(F32, True), (F32, False), (F16, False), (BF16, False)])
 @pytest.mark.parametrize("c_in,c_out,k,stride,size,residual,relu", RESNET50_CONVS)
-def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype, force):
+def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype, tf32, force, monkeypatch):
     """Every ResNet-50 convolution with TMA forced, on the real kernels: each but the stem on its TMA
-    family on Hopper, all on gather before Hopper."""
+    family on Hopper (float32 only with TF32, torch's default), all on gather before Hopper."""
     force("tma")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     served = check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu,
                         residual_channels_last=True)
     hopper = torch.cuda.get_device_capability()[0] >= 9
     family = "gemm_tma" if (k, stride) == (1, 1) else "patch_tma"
-    assert served == {family if hopper and c_in != 3 else "gather": 1}
+    assert served == {family if hopper and c_in != 3 and (dtype != F32 or tf32) else "gather": 1}
 
 
 # ---------------------------------------------------------------- the seeded sweep through the dispatcher
@@ -341,10 +349,12 @@ def test_pruned_configs_fit(dtype, residual):
     residual or not, where the kernel keeps them apart) and the problem; at least one always remains."""
     y = _descriptor(dtype)
     block_k = 128 // dtype.itemsize
+    precision = "tf32" if dtype == F32 else "ieee"  # the families take float32 only with TF32
     gemm = conv_gemm_tma._prune_configs(conv_gemm_tma._GPU_CONFIGS, {"y_desc": y, "r_desc": y if residual else None,
-                                                                     "C_out": 2048}, BLOCK_K=block_k)
+                                                                     "C_out": 2048}, BLOCK_K=block_k,
+                                        PRECISION=precision)
     patch = conv_patch_tma._prune_configs(conv_patch_tma._GPU_CONFIGS, {"y_desc": y, "C_out": 64, "N": 2},
-                                          PATCH_H=8, PATCH_W=8, BLOCK_K=block_k)
+                                          PATCH_H=8, PATCH_W=8, BLOCK_K=block_k, PRECISION=precision)
     for kept, tiles in ((gemm, 2), (patch, 0)):
         assert kept
         for c in kept:

@@ -232,8 +232,10 @@ _GATHER_CASES = {
         ("fp16", 3, False, 128, 128, 64, 4, 8, "ieee"),  # a 3x3 body conv, BN + residual epilogue
         ("bf16", 7, True, 64, 64, 64, 5, 4, "ieee"),  # the 7x7 stem on 3 channels (flattened K)
         ("fp32", 1, False, 64, 64, 32, 3, 4, "tf32"),
-        ("fp32", 3, False, 128, 64, 32, 3, 4, "ieee"),  # the fixed config of RESNET_FAST_AUTOTUNE=0
+        ("fp32", 3, False, 32, 64, 32, 3, 4, "ieee"),  # the fixed config of RESNET_FAST_AUTOTUNE=0
         ("bf16", 3, False, 32, 64, 64, 4, 4, "ieee", 8),  # batch 1's layer4: a small-M tile, split-K partials
+        # The widest tile, which spills (128 accumulators a thread): outside the main loop only.
+        ("fp16", 3, False, 128, 256, 64, 3, 8, "ieee"),
     ],
     # Ampere and Ada keep the gather kernel: configs that fit their shared memory.
     80: [("fp16", 3, False, 128, 128, 32, 4, 8, "ieee"), ("bf16", 7, True, 64, 64, 64, 3, 4, "ieee"),
@@ -262,14 +264,16 @@ def _gather_spec(arch: int, dtype: str, kh: int, flat: bool, bm: int, bn: int, b
 def test_gather_compiles(arch):
     """Every config compiles and fits the architecture's shared memory with all its pipeline stages; the
     main loop is cp.async-pipelined tensor-core MMA (except exact fp32): wgmma on Hopper (mma.sync for
-    tiles under 64 channels), mma.sync (never wgmma) on Ampere and Ada. (ptxas still spills the 128-row
-    configs, up to ~800 stack bytes a thread: the gathered tiles' 2-D address tensors; TMA removes them.)"""
+    tiles under 64 channels), mma.sync (never wgmma) on Ampere and Ada. The main loop never touches local
+    memory; ptxas spills the widest 16-bit tiles (128 accumulators a thread: ~100 stack bytes) in the
+    prologue and epilogue only, once per tile."""
     cases = _GATHER_CASES[arch]
     for case, got in zip(cases, compile_kernels([_gather_spec(arch, *c) for c in cases])):
         dtype, kh, _, bm, bn, bk, stages, _, precision = case[:9]
         stage_bytes = (bm + bn) * bk * int(dtype[2:]) // 8
         assert (stages - 1) * stage_bytes <= got["shared"] <= SHARED_MEMORY[arch], (case, got)
         assert got["ptx"]["cp.async."] and not got["ptx"]["ld.local"], (case, got)
+        assert got["loop_spills"] in (0, None), (case, got)
         if bm * bn <= 64 * 64 and got["stack"] is not None:  # the stem and batch-1 tiles keep to registers
             assert got["stack"] <= 8, (case, got)
         tensor_cores = precision != "ieee" or dtype != "fp32"
@@ -278,6 +282,39 @@ def test_gather_compiles(arch):
             assert bool(got["ptx"]["wgmma.mma_async"]) == tensor_cores, (case, got)
         else:
             assert not got["ptx"]["wgmma.mma_async"] and bool(got["ptx"]["mma.sync"]) == tensor_cores, (case, got)
+
+
+def _fixed_config_case() -> tuple:
+    c = conv_kernels._FIXED_GPU_CONFIG
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps
+
+
+def test_gather_compile_cases_hold_the_fixed_config():
+    assert ("fp32", 3, False, *_fixed_config_case(), "ieee") in _GATHER_CASES[90]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_float32_autotune_candidates_compile_without_loop_spills(precision):
+    """Every config the autotuner would time for a large float32 3x3 layer keeps its main loop out of
+    local memory (exact products run on FMAs, whose operand fragments take registers too)."""
+    nargs = {"x_ptr": torch.empty(0), "C_out": 256, "M": 802816, "PRECISION": precision}
+    kept = conv_kernels._prune_configs(conv_kernels._GPU_CONFIGS, nargs)
+    cases = [("fp32", 3, False, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+              c.num_warps, precision) for c in kept]
+    assert len(cases) >= 2
+    for case, got in zip(cases, compile_kernels([_gather_spec(90, *c) for c in cases])):
+        assert got["loop_spills"] in (0, None) and not got["ptx"]["ld.local"], (case, got)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_loop_spill_check_sees_spills():
+    """The check above can fail: a float32 256 x 256 tile on 4 warps (512 accumulators a thread) spills
+    inside its main loop, and compile_kernels reports it."""
+    (got,) = compile_kernels([_gather_spec(90, "fp32", 1, False, 256, 256, 16, 2, 4, "ieee")])
+    if got["loop_spills"] is None:
+        pytest.skip("this Triton ships no cuobjdump")
+    assert got["stack"] > 0 and got["loop_spills"] > 0, got
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
@@ -300,15 +337,63 @@ def test_autotune_pruning(dtype, c_out, m):
     """GPU autotuning only times configs that fit Hopper's shared memory, C_out and M (at least one), with
     the small-M tiles only for small M (batch 1)."""
     configs = conv_kernels._GPU_CONFIGS
-    kept = conv_kernels._prune_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C_out": c_out, "M": m})
+    precision = "tf32" if dtype == torch.float32 else "ieee"
+    kept = conv_kernels._prune_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C_out": c_out, "M": m},
+                                       PRECISION=precision)
     assert kept and set(kept) <= set(configs)
     for c in kept:
         bm, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         assert (bm + n) * k * dtype.itemsize * c.num_stages <= 227 * 1024
+        assert bm * n // (32 * c.num_warps) <= (128 if dtype != torch.float32 else 64 if n >= 64 else 16)
+    exact = conv_kernels._prune_configs(configs, {"x_ptr": torch.empty(0, dtype=dtype), "C_out": c_out, "M": m},
+                                        PRECISION="ieee")
+    if dtype == torch.float32:
+        assert exact and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps) <= 16 for c in exact)
         assert n <= max(32, c_out) and bm <= max(16, triton.next_power_of_2(m))
         assert bm >= 64 or m <= conv_kernels._SMALL_M
     if m == 49 and c_out >= 64:
         assert any(c.kwargs["BLOCK_M"] < 64 for c in kept)
+
+
+@pytest.fixture
+def fp32_precision_settings():
+    """Restores torch's TF32 settings, legacy flag and fp32_precision tree, after a test that edits them."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    legacy, cudnn_all, generic, matmul_tf32 = (cudnn.allow_tf32, cudnn.fp32_precision, torch.backends.fp32_precision,
+                                               matmul.allow_tf32)
+    yield
+    cudnn.fp32_precision, torch.backends.fp32_precision = cudnn_all, generic
+    cudnn.allow_tf32, matmul.allow_tf32 = legacy, matmul_tf32
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch without fp32_precision settings")
+def test_float32_precision_follows_torchs_convolutions(monkeypatch, fp32_precision_settings):
+    """float32 operands take TF32 exactly where torch's cuDNN convolutions would (by default, through the
+    legacy flag or through the fp32_precision tree: conv, then cuDNN, then global), whatever the matmul
+    setting; 16-bit operands never."""
+    from resnet_fast.kernels import conv_common
+
+    monkeypatch.setattr(conv_common, "INTERPRET", False)
+    cudnn = torch.backends.cudnn
+
+    def precision(matmul_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        return conv_common.input_precision(torch.float32)
+
+    cudnn.allow_tf32 = True  # torch's default
+    assert precision() == "tf32" and conv_common.input_precision(torch.float16) == "ieee"
+    cudnn.allow_tf32 = False
+    assert precision(matmul_tf32=True) == "ieee"
+    cudnn.fp32_precision = "tf32"  # every cuDNN op, conv included
+    assert precision() == "tf32"
+    cudnn.conv.fp32_precision = "ieee"  # the conv setting wins over cuDNN's
+    assert precision() == "ieee"
+    cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision = "none", "none", "tf32"
+    assert precision() == "tf32"
+    torch.backends.fp32_precision = "ieee"
+    assert precision() == "ieee"
+    cudnn.conv.fp32_precision = "tf32"  # mixed APIs: reading cudnn.allow_tf32 would raise here
+    assert precision() == "tf32"
 
 
 # ---------------------------------------------------------------- GPU only
@@ -320,6 +405,22 @@ def test_autotune_pruning(dtype, c_out, m):
 @pytest.mark.parametrize("c_in,c_out,k,stride,size,residual,relu", RESNET50_CONVS)
 def test_resnet50_conv_shapes_gpu(c_in, c_out, k, stride, size, residual, relu, dtype):
     check_conv(2, c_in, c_out, (size, size), (k, k), stride, k // 2, 1, dtype, True, residual, relu)
+
+
+@requires_cuda
+def test_float32_conv_uses_tf32_like_torch_gpu(monkeypatch):
+    """Under torch's default (TF32 for cuDNN convolutions), a float32 conv is as close to float64 as
+    torch's own TF32 result, and further than exact float32 products would be: the kernel really follows
+    torch's setting."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    x = torch.randn(2, 64, 28, 28, device="cuda").to(memory_format=torch.channels_last)
+    w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).to(memory_format=torch.channels_last)
+    with resnet_fast.backend("triton", strict=True), torch.no_grad():
+        out = ops.conv_bias_act(x, w, None, padding=1, relu=False)
+    ref64 = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    torch_tf32 = torch.nn.functional.conv2d(x, w, padding=1)
+    err = rel_err(out, ref64)
+    assert FP32_TOL < err <= lowp_tolerance(torch.float32, torch_tf32, ref64), err
 
 
 @requires_cuda

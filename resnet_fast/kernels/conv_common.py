@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "AUTOTUNE", "INTERPRET", "SHARED_MEMORY", "accumulate", "channel_vector", "configured",
+    "AUTOTUNE", "INTERPRET", "SHARED_MEMORY", "accumulate", "accumulators_fit", "channel_vector", "configured",
     "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits", "grouped_tile", "input_precision", "nhwc",
-    "set_output_boxes", "tile_config", "weight_matrix",
+    "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,20 +51,45 @@ def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-def fits(config: triton.Config, block_k: int, itemsize: int, epilogue_tiles: int) -> bool:
+def accumulators_fit(config: triton.Config, itemsize: int, precision: str, wgmma: bool = True) -> bool:
+    """Whether a ``BLOCK_M x BLOCK_N`` float32 accumulator leaves registers to spare: at most 128 a thread
+    with 16-bit operands; with float32 operands 64 where wgmma reads them from shared memory (tf32) and 16
+    where their fragments pass through registers too (exact products on FMAs, or tf32 on mma.sync).
+    Beyond these ptxas spills for sm_90, with float32 inside the main loop (tests/test_triton.py's
+    compile checks)."""
+    accumulators = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+    return accumulators <= (128 if itemsize < 4 else 64 if precision == "tf32" and wgmma else 16)
+
+
+def fits(config: triton.Config, block_k: int, itemsize: int, epilogue_tiles: int, precision: str) -> bool:
     """Whether a ``BLOCK_M x BLOCK_N`` config fits a Hopper multiprocessor: ``num_stages`` A and B blocks
     of ``block_k`` channels plus ``epilogue_tiles`` output-sized tiles in shared memory, and an accumulator
-    that leaves registers to spare (with float32 operands, tf32 wgmma spills past 64 accumulators a
-    thread: checked with ptxas for sm_90)."""
+    that :func:`accumulators_fit`."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     shared = itemsize * (config.num_stages * (bm + bn) * block_k + epilogue_tiles * bm * bn)
-    accumulators = bm * bn // (32 * config.num_warps)
-    return shared <= SHARED_MEMORY and accumulators <= (64 if itemsize == 4 else 128)
+    return shared <= SHARED_MEMORY and accumulators_fit(config, itemsize, precision)
+
+
+def torch_convolutions_use_tf32() -> bool:
+    """Whether torch's own (cuDNN) convolutions may use TF32 for float32 now: ``True`` by default,
+    ``False`` after ``torch.backends.cudnn.allow_tf32 = False``. ATen reads the first setting that is not
+    ``"none"`` of ``torch.backends.cudnn.conv.fp32_precision``, ``torch.backends.cudnn.fp32_precision`` and
+    ``torch.backends.fp32_precision``; reading ``allow_tf32`` instead raises once someone mixed the two
+    APIs."""
+    if not hasattr(torch.backends, "fp32_precision"):  # older torch: the legacy flag only
+        return torch.backends.cudnn.allow_tf32
+    cudnn = torch.backends.cudnn
+    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only where torch allows it for matmuls; exact products otherwise."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    """The ``tl.dot`` precision for operands of this dtype: tf32 for float32 where torch's convolutions
+    use it (by default), so a float32 model computes as torchvision's does; exact products otherwise
+    (and always under the interpreter, which has no TF32)."""
+    if dtype == torch.float32 and not INTERPRET and torch_convolutions_use_tf32():
         return "tf32"
     return "ieee"
 
@@ -151,13 +176,16 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor | None:
 
 def descriptor_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, groups: int,
                                   residual: torch.Tensor | None) -> str | None:
-    """What every tensor-descriptor family requires, or None: Hopper or newer (or the interpreter),
-    channels_last x and weight with 16-byte rows of channels, 16-byte output rows, a residual laid out
-    as the output (dense channels_last)."""
+    """What every tensor-descriptor family requires, or None: Hopper or newer (or the interpreter), TF32
+    for float32 on a GPU, channels_last x and weight with 16-byte rows of channels, 16-byte output rows,
+    a residual laid out as the output (dense channels_last)."""
     if groups != 1:
         return f"grouped convolution (groups={groups})"
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return "tensor descriptors (TMA) need compute capability 9.0 or newer"
+    if x.is_cuda and input_precision(x.dtype) == "ieee" and x.dtype == torch.float32:
+        # Exact products run on FMAs with operands in registers: these tiles spill thousands of bytes.
+        return "exact float32 products (TF32 turned off) are not wgmma work"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {x.dtype}"
     if nhwc(x) is None or weight_matrix(weight) is None:

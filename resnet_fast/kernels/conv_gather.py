@@ -23,7 +23,7 @@ import triton.language as tl
 
 from resnet_fast.backends import Unsupported
 from resnet_fast.kernels.conv_common import (
-    SHARED_MEMORY, accumulate, channel_vector, configured, dot_flags, grouped_tile,
+    SHARED_MEMORY, accumulate, accumulators_fit, channel_vector, configured, dot_flags, grouped_tile,
 )
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
@@ -40,6 +40,7 @@ _GPU_CONFIGS = [
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 5, 4),
+        (64, 64, 32, 4, 8),  # the widest that exact float32 (FMA, TF32 off) runs without spilling
         (128, 32, 64, 4, 4),
         (64, 32, 32, 5, 4),
         # Small M (batch 1: layer4 has 49 output pixels, layer3 196), usually with split-K.
@@ -49,17 +50,19 @@ _GPU_CONFIGS = [
 ]
 # Under the interpreter each program costs milliseconds: large tiles, one fixed config.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)
-# RESNET_FAST_AUTOTUNE=0: one config that fits shared memory in every dtype, instead of compiling and
-# timing each candidate on the first call per shape (quick first calls, e.g. for correctness tests).
-_FIXED_GPU_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
+# RESNET_FAST_AUTOTUNE=0: one config that fits in every dtype and precision without spilling, instead of
+# compiling and timing each candidate on the first call per shape (quick first calls, e.g. for tests).
+_FIXED_GPU_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
 _SMALL_M = 4096  # output pixels under which tiles shorter than 64 rows, and split-K, are considered
 
 
 def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
     """The configs worth timing for this problem: pipeline buffers ((BLOCK_M + BLOCK_N) * BLOCK_K
-    elements per stage) that fit in shared memory for x's dtype, column tiles no wider than C_out needs,
+    elements per stage) that fit in shared memory for x's dtype, an accumulator that fits in registers
+    (:func:`~resnet_fast.kernels.conv_common.accumulators_fit`), column tiles no wider than C_out needs,
     row tiles no taller than M needs, and the small-M tiles only where M is small. Saves compiling and
     timing configs that cannot win."""
+    nargs = {**nargs, **kwargs}
     itemsize = nargs["x_ptr"].element_size()
     widest = max(32, triton.next_power_of_2(nargs["C_out"]))
     tallest = max(16, triton.next_power_of_2(nargs["M"]))
@@ -67,6 +70,8 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
         c
         for c in configs
         if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages <= SHARED_MEMORY
+        # The product is transposed (channels x pixels): wgmma takes 64 or more channel rows.
+        and accumulators_fit(c, itemsize, nargs["PRECISION"], wgmma=c.kwargs["BLOCK_N"] >= 64)
         and c.kwargs["BLOCK_N"] <= widest
         and c.kwargs["BLOCK_M"] <= tallest
         and (c.kwargs["BLOCK_M"] >= 64 or nargs["M"] <= _SMALL_M)

@@ -57,7 +57,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     nargs = {**nargs, **kwargs}
     itemsize = nargs["y_desc"].base.element_size()
     widest = max(64, triton.next_power_of_2(nargs["C_out"]))
-    kept = [c for c in configs if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 2) and c.kwargs["BLOCK_N"] <= widest]
+    kept = [c for c in configs if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 2, nargs["PRECISION"]) and c.kwargs["BLOCK_N"] <= widest]
     return kept or configs[-1:]
 
 

@@ -76,7 +76,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     images = max(nargs["N"], _MAX_PATCH // patch)
     kept = [
         c for c in configs
-        if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 0) and c.kwargs["BLOCK_N"] <= widest
+        if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 0, nargs["PRECISION"]) and c.kwargs["BLOCK_N"] <= widest
         and c.kwargs["BLOCK_M"] // patch <= images
     ]
     return kept or configs[-1:]
