@@ -271,17 +271,23 @@ _recording: contextvars.ContextVar[collections.Counter | None] = contextvars.Con
 
 
 @contextlib.contextmanager
-def record_dispatch() -> Iterator[collections.Counter]:
+def counting(recording: contextvars.ContextVar[collections.Counter | None]) -> Iterator[collections.Counter]:
+    """Sets ``recording`` to a fresh Counter for the block (the code it watches adds to it) and restores
+    the outer one after: nested recorders each see their own block."""
+    counts: collections.Counter = collections.Counter()
+    token = recording.set(counts)
+    try:
+        yield counts
+    finally:
+        recording.reset(token)
+
+
+def record_dispatch() -> contextlib.AbstractContextManager[collections.Counter]:
     """Counts the op calls made inside the block by ``(op, backend that ran it)``, fallbacks included.
 
     ``with record_dispatch() as calls: model(x)`` then ``calls[("conv_bn_act", "triton")]``.
     """
-    counts: collections.Counter = collections.Counter()
-    token = _recording.set(counts)
-    try:
-        yield counts
-    finally:
-        _recording.reset(token)
+    return counting(_recording)
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:

@@ -26,11 +26,11 @@ import collections
 import contextlib
 import contextvars
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from resnet_fast.backends import Unsupported
+from resnet_fast.backends import Unsupported, counting
 from resnet_fast.kernels import conv_gather, conv_gemm_tma, conv_patch_tma
 
 __all__ = ["KERNELS", "TABLE", "conv_bn_act", "kernel_for", "layer_class", "record_kernels", "select"]
@@ -95,15 +95,9 @@ _recording: contextvars.ContextVar[collections.Counter | None] = contextvars.Con
 )
 
 
-@contextlib.contextmanager
-def record_kernels() -> Iterator[collections.Counter]:
+def record_kernels() -> contextlib.AbstractContextManager[collections.Counter]:
     """Counts the calls served inside the block by kernel family: ``{"gather": 2, "patch_tma": 5}``."""
-    counts: collections.Counter = collections.Counter()
-    token = _recording.set(counts)
-    try:
-        yield counts
-    finally:
-        _recording.reset(token)
+    return counting(_recording)
 
 
 def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,

@@ -183,7 +183,7 @@ def descriptor_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, groups:
         return f"grouped convolution (groups={groups})"
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return "tensor descriptors (TMA) need compute capability 9.0 or newer"
-    if x.is_cuda and input_precision(x.dtype) == "ieee" and x.dtype == torch.float32:
+    if x.is_cuda and x.dtype == torch.float32 and input_precision(x.dtype) == "ieee":
         # Exact products run on FMAs with operands in registers: these tiles spill thousands of bytes.
         return "exact float32 products (TF32 turned off) are not wgmma work"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
