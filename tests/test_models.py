@@ -2,6 +2,7 @@
 import copy
 import io
 import pickle
+import statistics
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import resnet_fast
 from resnet_fast.models.resnet import ARCHS
-from resnet_fast.testing import randomize_batch_norm
+from resnet_fast.testing import parity_tolerance, randomize_batch_norm
 from conftest import lowp_tolerance, rel_err
 from helpers import float64_copy, model_pair
 
@@ -65,34 +66,46 @@ def test_train_step_in_float64_is_torchvisions(arch):
 
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 40)])
 def test_train_mode_matches_torchvision(arch, size):
-    """The precision of one fp32 training step against float64: the output and every running statistic
-    within 2x torchvision's own fp32 error, and the whole gradient within 2x too, with a floor of 5e-3.
+    """The precision of an fp32 training step against float64: in each of four draws the output and every
+    running statistic within 2x torchvision's own fp32 error; the whole gradient, by its mean error over
+    the draws, within 2x torchvision's mean, with a floor of 5e-3.
 
-    The floor, and judging the gradient as a whole rather than per tensor, are for knife edges: a ReLU
-    input within rounding of zero falls on either side depending on the rounding order (seen: 1 element
-    in 16k at layer4.1.bn1, +1.4e-7 in our run, negative in torchvision's), and batch statistics over 32
-    values per channel spread that flipped mask over the channel's gradients, up to 3e-2 on one layer's.
-    torchvision is exposed to the same chance. The float64 test above pins every formula and index."""
-    tv, rf = model_pair(arch, num_classes=10)
-    x = torch.randn(8, 3, size, size)
-    (out_tv, out_rf, out64), tv64 = _train_step_pair(tv, rf, x)
-    assert rel_err(out_rf, out64) <= max(2 * rel_err(out_tv, out64), 1e-5)
-    params = list(zip(tv.named_parameters(), rf.named_parameters(), tv64.named_parameters()))
-    assert all(p_rf.grad is not None for _, (_, p_rf), _ in params)
-    grads = [torch.cat([p.grad.flatten() for (_, p) in group]) for group in zip(*params)]
-    assert rel_err(grads[1], grads[2]) <= max(2 * rel_err(grads[0], grads[2]), 5e-3)
-    buffers = zip(tv.named_buffers(), rf.named_buffers(), tv64.named_buffers())
-    for (name, b_tv), (_, b_rf), (_, b64) in buffers:
-        if name.endswith("num_batches_tracked"):
-            assert b_rf.item() == b_tv.item() == 1, name
-        else:
-            assert rel_err(b_rf, b64) <= max(2 * rel_err(b_tv, b64), 1e-5), name
+    The gradient is judged over draws because one draw is a lottery. A ReLU input within rounding of zero
+    falls on either side depending on the rounding order (seen: 1 element in 16k at layer4.1.bn1, +1.4e-7
+    in our run, negative in torchvision's), and layer4 has 32 positions per channel, so one flipped mask
+    moves that layer's weight gradient by about 1/32 and every gradient upstream with it. Single-draw
+    gradient errors, ours and torchvision's alike: resnet18 at 64 px, median 2.7e-6 but above 1e-5 in a
+    quarter of 60 draws, up to 9e-3; resnet50 at 40 px, flips in every draw, 2e-3 to 4.6e-2 over 45. One
+    draw judged alone failed the rule in 2% and 4-10% of runs; the mean of four draws fails it in about
+    0.1% of runs by a log-normal fit to those draws (none of 200,000 resamples of them failed). A precision defect shows in every draw, and the op-level tests
+    judge each backward alone; the float64 test above pins every formula and index."""
+    grad_errors = []
+    for _ in range(4):
+        tv, rf = model_pair(arch, num_classes=10)
+        x = torch.randn(8, 3, size, size)
+        (out_tv, out_rf, out64), tv64 = _train_step_pair(tv, rf, x)
+        assert rel_err(out_rf, out64) <= max(2 * rel_err(out_tv, out64), 1e-5)
+        params = list(zip(tv.named_parameters(), rf.named_parameters(), tv64.named_parameters()))
+        assert all(p_rf.grad is not None for _, (_, p_rf), _ in params)
+        grads = [torch.cat([p.grad.flatten() for (_, p) in group]) for group in zip(*params)]
+        grad_errors.append((rel_err(grads[1], grads[2]), rel_err(grads[0], grads[2])))
+        buffers = zip(tv.named_buffers(), rf.named_buffers(), tv64.named_buffers())
+        for (name, b_tv), (_, b_rf), (_, b64) in buffers:
+            if name.endswith("num_batches_tracked"):
+                assert b_rf.item() == b_tv.item() == 1, name
+            else:
+                assert rel_err(b_rf, b64) <= max(2 * rel_err(b_tv, b64), 1e-5), name
+    ours, theirs = (statistics.fmean(errors) for errors in zip(*grad_errors))
+    assert ours <= max(2 * theirs, 5e-3), f"(ours, torchvision's) gradient errors per draw: {grad_errors}"
 
 
 def test_momentum_none_and_untracked_batch_norm_behave_like_torch():
+    """Batch statistics in both halves, so the input is 8x64x64: layer4 then normalises over 32 values per
+    channel. At 4x32x32 it had 4, whose variance can be near zero and amplify rounding without bound
+    (seen: torchvision's own fp32 error against float64 up to 4.7e-5, ours 2.4x that once in 60 draws)."""
     norm = lambda c: nn.BatchNorm2d(c, momentum=None)  # noqa: E731
     tv, rf = model_pair("resnet18", norm_layer=norm, num_classes=4)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(8, 3, 64, 64)
     for _ in range(2):
         tv(x), rf(x)
     for (name, a), (_, b) in zip(tv.named_buffers(), rf.named_buffers()):
@@ -101,7 +114,8 @@ def test_momentum_none_and_untracked_batch_norm_behave_like_torch():
     tv, rf = model_pair("resnet18", norm_layer=norm, num_classes=4)
     tv.eval(), rf.eval()  # no running stats: batch statistics even in eval mode
     with torch.no_grad():
-        assert rel_err(rf(x), tv(x)) <= 1e-5
+        out_tv, out_rf, out64 = tv(x), rf(x), float64_copy(tv)(x.double())
+    assert rel_err(out_rf, out64) <= parity_tolerance(torch.float32, rel_err(out_tv, out64))
 
 
 def test_group_norm_layer_runs_unfused_and_matches():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import resnet_fast
 from resnet_fast import backends, ops
 from resnet_fast.ops import reference
+from resnet_fast.testing import parity_tolerance
 from conftest import rel_err
 
 
@@ -70,6 +71,30 @@ def test_add_relu_and_batch_norm_act_reference():
     expected = (F.batch_norm(x, rm2, rv2, w, b, True, 0.3, 1e-5) + y).relu()
     # The running variance is recovered from the saved inverse std: equal to torch's up to rounding.
     assert rel_err(out, expected) < 1e-6 and rel_err(rm, rm2) < 1e-6 and rel_err(rv, rv2) < 1e-6
+
+
+def test_batch_norm_act_training_gradients_are_as_precise_as_torchs():
+    """One training-mode BatchNorm (+ residual, ReLU) in float32: the gradients of x, the residual and the
+    affine parameters within 2x torch's own float32 error against float64. One layer with 2048 values per
+    channel, so a precision defect in the backward (a cancelling variance, a low-precision sum) shows; the
+    inputs sit off zero (mean 1, std 3), where such a cancellation costs digits."""
+    x, r, g = torch.randn(8, 16, 16, 16) * 3 + 1, torch.randn(8, 16, 16, 16), torch.randn(8, 16, 16, 16)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+
+    def ours(x, r, w, b):
+        return ops.batch_norm_act(x, w, b, torch.zeros(16), torch.ones(16), training=True, residual=r, relu=True)
+
+    def torchs(x, r, w, b):
+        return (F.batch_norm(x, None, None, w, b, True) + r).relu()
+
+    def gradients(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, r, w, b)]
+        return torch.autograd.grad(fn(*leaves), leaves, g.to(dtype))
+
+    ref = gradients(torchs, torch.float64)
+    for name, got, theirs, want in zip("x residual weight bias".split(), gradients(ours, torch.float32),
+                                       gradients(torchs, torch.float32), ref):
+        assert rel_err(got, want) <= parity_tolerance(torch.float32, rel_err(theirs, want)), name
 
 
 @pytest.mark.parametrize("momentum", [0.2, None])

@@ -86,7 +86,8 @@ def test_train_mode_graphs_keep_the_statistics_update(mode):
     rf.train()
     eager = resnet_fast.resnet18(num_classes=4).train()
     eager.load_state_dict(rf.state_dict())
-    x = torch.randn(4, 3, 32, 32)
+    # 32 values per channel at layer4: batch statistics over fewer can amplify rounding without bound.
+    x = torch.randn(8, 3, 64, 64)
     graph, out = _graph_text(mode, rf, x)
     expected = eager(x)
     assert "resnet_fast.batch_norm_act" in graph and "resnet_fast.update_running_stats" in graph

@@ -1,0 +1,66 @@
+"""Issue 10's CPU measure, paired: resnet_fast's and torchvision's resnet50 forward on one 1x3x8x8 image,
+timed alternately (one call of each per round, the order swapped every round), so that the machine's
+drift, which on a shared machine is as large as the difference sought, hits both models alike. Reports
+each model's median and the median of the per-round ratios.
+
+    python3 benchmarks/paired_overhead.py                 # the issue's measure
+    python3 benchmarks/paired_overhead.py --stub-conv     # convolutions replaced by a shape-only stub
+    python3 benchmarks/paired_overhead.py --same-model    # control: torchvision against itself
+
+``--stub-conv`` leaves the Python layers, dispatch and the small ops (BatchNorm, ReLU, add): the
+difference between the two medians is then the Python-side cost alone. ``--same-model`` times two
+torchvision models, which shows how small a ratio this method resolves on this machine.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fast
+from resnet_fast.ops import reference
+
+
+def _stub_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """A zero tensor of F.conv2d's output shape (square kernels, one stride and padding for both axes)."""
+    s, p, d = (v if isinstance(v, int) else v[0] for v in (stride, padding, dilation))
+    h, w = ((n + 2 * p - d * (weight.shape[2] - 1) - 1) // s + 1 for n in x.shape[2:])
+    return x.new_zeros(x.shape[0], weight.shape[0], h, w)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=600)
+    parser.add_argument("--stub-conv", action="store_true")
+    parser.add_argument("--same-model", action="store_true")
+    args = parser.parse_args()
+    if args.stub_conv:  # both models call torch.nn.functional.conv2d, through these two names
+        F.conv2d = reference.F.conv2d = _stub_conv2d
+    torch.set_num_threads(1)
+    ours = (torchvision.models.resnet50() if args.same_model else resnet_fast.resnet50()).eval()
+    theirs = torchvision.models.resnet50().eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    with resnet_fast.backend("torch", strict=True), torch.no_grad():
+        for model in (ours, theirs):
+            for _ in range(20):
+                model(x)
+        for i in range(args.rounds):
+            order = (("ours", ours), ("theirs", theirs)) if i % 2 else (("theirs", theirs), ("ours", ours))
+            for name, model in order:
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    ratio = statistics.median(a / b for a, b in zip(times["ours"], times["theirs"]))
+    label = "torchvision (second copy)" if args.same_model else "resnet_fast"
+    print(f"{label}: median {statistics.median(times['ours']) * 1e3:.3f} ms; torchvision: median "
+          f"{statistics.median(times['theirs']) * 1e3:.3f} ms; median per-round ratio {ratio:.3f} "
+          f"({args.rounds} rounds{', convolutions stubbed' if args.stub_conv else ''})")
+
+
+if __name__ == "__main__":
+    main()
