@@ -137,14 +137,14 @@ _lib = torch.library.Library("resnet_fast", "FRAGMENT")
 
 
 _AUTOCAST_RULES: dict[str, Callable[[str, tuple], tuple]] = {}
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where the ops have autocast rules
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where the ops have autocast rules
 
 
 def _register_autocast(op: str, cast: Callable[[str, tuple], tuple]) -> None:
     """The op's autocast rule on CPU and CUDA: ``cast(device_type, args)`` under autocast, then the op with
     autocast excluded (torch.library's ``register_autocast`` casts to one fixed dtype only)."""
     _AUTOCAST_RULES[op] = cast
-    for device_type in AUTOCAST_DEVICE_TYPES:
+    for device_type in _AUTOCAST_DEVICE_TYPES:
         key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
         def kernel(_keyset, *args, device_type=device_type, key=key):
@@ -187,7 +187,7 @@ def call(op: str, *args):
         device = x.device
         # The rules exist for these device types only; asking them first also spares the per-conv cost of
         # torch.amp.is_autocast_available.
-        if device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
+        if device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
             args = _AUTOCAST_RULES[op](device.type, args)
         return backends.call(op, *args, device=device)
     return getattr(torch.ops.resnet_fast, op)(*args)
