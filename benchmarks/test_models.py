@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -380,3 +383,18 @@ def test_cpu_python_overhead(impl, measure, benchmark):
             measure(lambda: model(x), device=torch.device("cpu"), work=bu.Work(images=1))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("flags", [["--stub-conv"], ["--theirs-first"], ["--same-model"]])
+def test_paired_overhead_script_runs(flags):
+    """``benchmarks/paired_overhead.py``, issue 10's paired measure, runs and reports two medians and their
+    ratio (three rounds: a check that it works, not a measurement)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "paired_overhead.py"), "--rounds", "3",
+                           *flags], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"median ([\d.]+) ms; torchvision: median ([\d.]+) ms; median per-round ratio ([\d.]+) "
+                      r"\(3 rounds", done.stdout)
+    assert found and all(float(v) > 0 for v in found.groups()), done.stdout

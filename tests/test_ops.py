@@ -369,6 +369,77 @@ def test_record_dispatch_counts_the_backend_that_really_ran(fake_backend):
     assert sum(calls.values()) == 4  # nothing is counted outside the block
 
 
+def test_bind_resolves_once_and_keeps_calls_semantics(fake_backend):
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    args = (x, w, None, None, None, None, None, 1e-5, (1, 1), (1, 1), (1, 1), 1, None, True)
+    with resnet_fast.backend("fake"):
+        kernel = backends.bind("conv_bn_act", x.device)
+    with backends.record_dispatch() as calls:
+        out = kernel(*args)  # the selection is the one at bind time
+        with pytest.warns(RuntimeWarning, match="failed on 'conv_bn_act'"):
+            kernel(*args[:-1], False)  # the kernel fails: the reference answers, as in call
+    assert fake_backend == ["conv"] and calls == {("conv_bn_act", "fake"): 1, ("conv_bn_act", "torch"): 1}
+    assert torch.allclose(out, F.conv2d(x, w, padding=1).relu(), atol=1e-6)
+
+
+@pytest.fixture
+def counted_resolve(monkeypatch):
+    """The number of backend resolutions (``backends.resolve`` calls) made, as a one-item list."""
+    count = [0]
+    resolve = backends.resolve
+
+    def counting(op, device):
+        count[0] += 1
+        return resolve(op, device)
+
+    monkeypatch.setattr(backends, "resolve", counting)
+    return count
+
+
+def test_a_model_forward_resolves_each_op_once(fake_backend, counted_resolve):
+    """Issue 10: in plain inference a model's forward resolves each op's kernel at its first call, not at
+    every convolution, and the calls keep the registry's semantics (kernel failures and ops the backend
+    lacks answered by the reference, strict mode raising)."""
+    model = resnet_fast.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), resnet_fast.backend("fake"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with backends.record_dispatch() as calls:
+            model(x)
+        assert counted_resolve == [2]  # conv_bn_act and stem
+        # The fake kernel fails for relu=False (the three shortcut convolutions) and lacks stem.
+        assert calls == {("conv_bn_act", "fake"): 16, ("conv_bn_act", "torch"): 3, ("stem", "torch"): 1}
+        counted_resolve[0] = 0
+        model.layer1(torch.randn(1, 64, 8, 8))  # a block called on its own resolves at every call
+        assert counted_resolve == [4]
+    with torch.no_grad(), resnet_fast.backend("fake", strict=True), pytest.raises(backends.BackendUnavailable):
+        model(x)
+
+
+def test_a_module_that_enables_autograd_inside_a_forward_gets_the_differentiable_op():
+    """The kernels are resolved once per forward, but whether a call is plain inference is checked at
+    every call: a submodule running under enable_grad inside a no_grad forward must record the op's own
+    backward."""
+
+    class WithGrad(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.enable_grad():
+                out = self.inner(x)
+            seen.append(out.grad_fn.name())
+            return out
+
+    seen = []
+    model = resnet_fast.resnet18(num_classes=4).eval()
+    model.layer4 = WithGrad(model.layer4)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert len(seen) == 1 and "resnet_fast_conv_bn_act" in seen[0]  # the op's backward, not aten's
+
+
 def test_unavailable_reason(fake_backend):
     assert backends.unavailable_reason("torch", torch.device("cpu")) is None
     assert backends.unavailable_reason("fake", torch.device("cpu")) is None

@@ -4,7 +4,8 @@ A backend is a name, a priority and a ``load`` function returning ``{op_name: im
 ``load`` runs once, on first use, so importing resnet_fast never compiles or imports anything heavy;
 if it raises :class:`BackendUnavailable`, the backend is unavailable and the reason is kept.
 
-Selection (per call, in :func:`call`):
+Selection (per call in :func:`call`; once, for many calls, in :func:`bind`, which a model's forward uses
+through :func:`resnet_fast.ops.library.resolve_once`):
 
 * ``"auto"`` (the default): the highest-priority backend that implements the op, loaded and supports
   the tensors' device. ``"torch"`` (the reference) always qualifies, so on CPU auto mode is simply the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import importlib
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ __all__ = [
     "Unsupported",
     "available_backends",
     "backend",
+    "bind",
     "call",
     "get_backend",
     "record_dispatch",
@@ -236,7 +239,18 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
 
 def call(op: str, *args, device: torch.device, **kwargs):
     """Runs ``op`` on the selected backend, falling back to the reference if its kernel fails."""
-    name, fn = resolve(op, device)
+    return _run(op, *resolve(op, device), *args, **kwargs)
+
+
+def bind(op: str, device: torch.device) -> Callable:
+    """``call`` for ``op`` on ``device`` with the backend resolved now rather than at every call: what a
+    model resolves once at the entry of its forward. Same kernel, fallbacks, warnings and
+    :func:`record_dispatch` counts as :func:`call` under the current selection."""
+    return functools.partial(_run, op, *resolve(op, device))
+
+
+def _run(op: str, name: str, fn: Callable, *args, **kwargs):
+    """``fn``, backend ``name``'s implementation of ``op``; the reference if it cannot serve the call."""
     if name == "torch":
         out = fn(*args, **kwargs)
     else:

@@ -15,7 +15,7 @@ for a float16/bfloat16 model too) and casts it as it loads it.
 """
 
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torchvision.models.resnet as tv
@@ -51,30 +51,60 @@ STEMS = ("imagenet", "cifar")
 
 
 class _FusedPairs:
-    """What a module with (conv, norm) pairs shares: the Python-mode fusability check and the refusal to
-    script pairs that TorchScript would fuse but Python would not (see :func:`check_scriptable`)."""
+    """What a module with (conv, norm) pairs shares: the pairs, named by ``_PAIRS`` (``(conv, norm)``
+    child names in forward order); the Python-mode forward that runs them as :func:`conv_norm_act`
+    calls; and the refusal to script pairs that TorchScript would fuse but Python would not (see
+    :func:`check_scriptable`)."""
+
+    _PAIRS: tuple[tuple[str, str], ...] = ()
 
     def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        raise NotImplementedError
+        # Read from _modules: a forward runs this for every block, and Module.__getattr__ costs more than
+        # the dictionary lookup.
+        children = self._modules
+        return [(children[conv], children[norm]) for conv, norm in self._PAIRS]
 
     @torch.jit.unused
-    def _fusable(self) -> bool:
-        return fusable(*self._conv_norm_pairs())
+    def _fused_forward(self, x: Tensor, residual: Optional[Tensor], relu: bool) -> Optional[Tensor]:
+        """The pairs in order as :func:`conv_norm_act` calls (ReLU after each when ``relu``, ``residual``
+        added by the last), or None when some pair does not fuse (checked on every forward, so modules
+        swapped after construction are honoured)."""
+        pairs = self._conv_norm_pairs()
+        if not fusable(*pairs):
+            return None
+        last = len(pairs) - 1
+        for i, (conv, norm) in enumerate(pairs):
+            training = norm.training
+            # Only training reads the counter; fetching a buffer costs a Module.__getattr__ per convolution.
+            tracked = getattr(norm, "num_batches_tracked", None) if training else None
+            x = conv_norm_act(
+                x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, norm.weight,
+                norm.bias, norm.running_mean, norm.running_var, norm.eps, training, getattr(norm, "momentum", None),
+                tracked, residual if i == last else None, relu,
+            )
+        return x
 
     def __prepare_scriptable__(self) -> nn.Module:
         check_scriptable(self, self._conv_norm_pairs())
         return self
 
 
+# TorchScript cannot look modules up by name, so each forward below also writes its pairs out as
+# conv_norm_act calls for the scripted path; _fused_forward is the same sequence for Python mode.
+
+
 class Downsample(_FusedPairs, nn.Sequential):
     """torchvision's shortcut ``Sequential(conv1x1, norm)`` (same children and state_dict keys), run as one
     fused conv + BatchNorm."""
 
-    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self[0], self[1])]
+    _PAIRS = (("0", "1"),)
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self[1], "running_var") and (torch.jit.is_scripting() or self._fusable()):
+        if not torch.jit.is_scripting():
+            out = self._fused_forward(x, None, False)
+            if out is not None:
+                return out
+        elif hasattr(self[1], "running_var"):
             c = self[0]
             n = self[1]
             return conv_norm_act(
@@ -88,16 +118,17 @@ class Downsample(_FusedPairs, nn.Sequential):
 class BasicBlock(_FusedPairs, tv.BasicBlock):
     """Two 3x3 convolutions with a residual connection (torchvision's constructor and attributes)."""
 
-    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x
         if self.downsample is not None:
             identity = self.downsample(x)
-        if hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var") and (
-            torch.jit.is_scripting() or self._fusable()
-        ):
+        if not torch.jit.is_scripting():
+            out = self._fused_forward(x, identity, True)
+            if out is not None:
+                return out
+        elif hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var"):
             c = self.conv1
             n = self.bn1
             out = conv_norm_act(
@@ -120,19 +151,17 @@ class Bottleneck(_FusedPairs, tv.Bottleneck):
     """1x1 reduce, 3x3 (carrying the stride: ResNet v1.5), 1x1 expand, with a residual connection
     (torchvision's constructor and attributes)."""
 
-    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+    _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x
         if self.downsample is not None:
             identity = self.downsample(x)
-        if (
-            hasattr(self.bn1, "running_var")
-            and hasattr(self.bn2, "running_var")
-            and hasattr(self.bn3, "running_var")
-            and (torch.jit.is_scripting() or self._fusable())
-        ):
+        if not torch.jit.is_scripting():
+            out = self._fused_forward(x, identity, True)
+            if out is not None:
+                return out
+        elif hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var") and hasattr(self.bn3, "running_var"):
             c = self.conv1
             n = self.bn1
             out = conv_norm_act(
@@ -182,6 +211,8 @@ class ResNet(_FusedPairs, tv.ResNet):
     Input: ``[N, in_channels, H, W]`` float tensor, NCHW or channels_last, H and W >= 1 (N may be 0).
     Output: ``[N, num_classes]`` logits.
     """
+
+    _PAIRS = (("conv1", "bn1"),)
 
     def __init__(
         self,
@@ -272,9 +303,6 @@ class ResNet(_FusedPairs, tv.ResNet):
         self._use_kernel_weight_layout()
         return self
 
-    def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.conv1, self.bn1)]
-
     def __prepare_scriptable__(self) -> nn.Module:
         if self.stage_names != [f"layer{i}" for i in range(1, min(len(self.stage_names), 4) + 1)]:
             raise NotImplementedError(
@@ -333,29 +361,44 @@ class ResNet(_FusedPairs, tv.ResNet):
             == [(v, v) for v in (*STEM_POOL, 1)]
         )
         running_stats = not norm.training and getattr(norm, "running_var", None) is not None
-        return not self.training and running_stats and imagenet_conv and imagenet_pool and self._fusable()
+        return (
+            not self.training and running_stats and imagenet_conv and imagenet_pool
+            and fusable(*self._conv_norm_pairs())
+        )
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]``."""
-        if not torch.jit.is_scripting():
-            self._check_input(x)
-        if not torch.jit.is_scripting() and hasattr(self.bn1, "running_var") and self._fused_stem():
+        if torch.jit.is_scripting():
+            return self._features(x)
+        return self._checked_features(x)
+
+    @torch.jit.unused
+    def _checked_features(self, x: Tensor) -> Tensor:
+        """Python mode: x checked once here, then the forward with each op's kernel resolved once
+        (:func:`resnet_fast.ops.library.resolve_once`) rather than at every convolution."""
+        self._check_input(x)
+        return library.resolve_once(self._features, x)
+
+    def _features(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and self._fused_stem():
             c = self.conv1
             n = self.bn1
             # x as the caller gave it: the op casts it as it loads it, and returns NHWC on CUDA.
             x = library.call("stem", x, c.weight, c.bias, n.weight, n.bias, n.running_mean, n.running_var, n.eps)
         else:
             x = x.to(self.conv1.weight.dtype)  # the fused stem's cast, here a pass of its own
-            if hasattr(self.bn1, "running_var") and (torch.jit.is_scripting() or self._fusable()):
+            out: Optional[Tensor] = None
+            if not torch.jit.is_scripting():
+                out = self._fused_forward(x, None, True)
+            elif hasattr(self.bn1, "running_var"):
                 c = self.conv1
                 n = self.bn1
-                x = conv_norm_act(
+                out = conv_norm_act(
                     x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
                     n.running_var, n.eps, n.training, getattr(n, "momentum", None),
                     getattr(n, "num_batches_tracked", None), None, True,
                 )
-            else:
-                x = self.relu(self.bn1(self.conv1(x)))
+            x = self.relu(self.bn1(self.conv1(x))) if out is None else out
             x = self.maxpool(x)
         if torch.jit.is_scripting():  # no getattr by name there; __prepare_scriptable__ checked the names
             x = self.layer1(x)

@@ -31,6 +31,7 @@ Call them through :mod:`resnet_fast.ops`, which validates arguments first; the m
 
 from __future__ import annotations
 
+import contextvars
 from types import SimpleNamespace
 from typing import Callable
 
@@ -177,20 +178,63 @@ def _plain_inference(x: torch.Tensor) -> bool:
     )
 
 
+def _bind(op: str, device: torch.device) -> Callable:
+    """The kernel ``torch.ops.resnet_fast.<op>`` would dispatch to on ``device`` now: the backend's
+    implementation (:func:`resnet_fast.backends.bind`), behind the op's autocast rule when autocast is on."""
+    kernel = backends.bind(op, device)
+    # The rules exist for these device types only; asking them first also spares the cost of
+    # torch.amp.is_autocast_available.
+    if device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
+        rule = _AUTOCAST_RULES[op]
+        return lambda *args: kernel(*rule(device.type, args))
+    return kernel
+
+
+class _ForwardKernels(dict):
+    """op -> :func:`_bind`'s kernel on one device, bound at the op's first call within a model's forward."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __missing__(self, op: str) -> Callable:
+        kernel = self[op] = _bind(op, self.device)
+        return kernel
+
+
+_forward_kernels: contextvars.ContextVar[_ForwardKernels | None] = contextvars.ContextVar(
+    "resnet_fast_forward_kernels", default=None
+)
+
+
 def call(op: str, *args):
     """``torch.ops.resnet_fast.<op>(*args)``, or in plain eager inference the kernel it would dispatch to,
     directly: the op's dispatch (autograd and autocast keys, the Python custom-op wrapper) costs more than
     a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``), same
-    autocast rule. For the ops with one (``conv_bn_act``, ``stem``), x first."""
+    autocast rule. Within :func:`resolve_once`, the kernel is resolved once per op rather than per call.
+    For the ops with an autocast rule (``conv_bn_act``, ``stem``), x first."""
     x = args[0]
-    if _plain_inference(x):
-        device = x.device
-        # The rules exist for these device types only; asking them first also spares the per-conv cost of
-        # torch.amp.is_autocast_available.
-        if device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
-            args = _AUTOCAST_RULES[op](device.type, args)
-        return backends.call(op, *args, device=device)
-    return getattr(torch.ops.resnet_fast, op)(*args)
+    if not _plain_inference(x):
+        return getattr(torch.ops.resnet_fast, op)(*args)
+    kernels = _forward_kernels.get()
+    if kernels is None:
+        return _bind(op, x.device)(*args)
+    return kernels[op](*args)
+
+
+def resolve_once(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)``, where in plain eager inference every :func:`call` resolves its kernel (backend
+    selection, autocast rule) once for x's device, at its first call, instead of at every call: a model's
+    forward pays for dispatch once rather than per convolution. Whether each call is plain inference is
+    still checked per call, so a hook that enables autograd or a dispatch mode inside the forward is
+    honoured; the backend selection and autocast state are those at the op's first call."""
+    if not _plain_inference(x):
+        return forward(x)
+    token = _forward_kernels.set(_ForwardKernels(x.device))
+    try:
+        return forward(x)
+    finally:
+        _forward_kernels.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------- add_relu
