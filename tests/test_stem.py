@@ -229,13 +229,20 @@ def test_gradients_reach_every_input():
 
 
 def test_gradient_of_a_float32_image_reaches_it_in_float32():
+    """Judged against float64 by the parity rule: in bfloat16 the max-pool's window values tie or swap, and
+    each such argmax sends a whole gradient elsewhere, so torch's own bfloat16 gradient is 10-15% off in
+    about one draw of ten (a fixed 2e-2 failed as often)."""
     x = torch.randn(1, 3, 16, 16, requires_grad=True)
     w = torch.randn(4, 3, 7, 7, dtype=torch.bfloat16, requires_grad=True)
     ops.stem(x, w).sum().backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.bfloat16
+    x_torch = x.detach().clone().requires_grad_()
+    torch.nn.functional.max_pool2d(
+        torch.nn.functional.conv2d(x_torch.to(torch.bfloat16), w.detach(), None, 2, 3).relu(), 3, 2, 1
+    ).float().sum().backward()
     x64 = x.detach().to(torch.bfloat16).double().requires_grad_()
     reference.stem(x64, w.detach().double(), None, None, None, None, None, 0.0).sum().backward()
-    assert rel_err(x.grad, x64.grad) < 2e-2
+    assert rel_err(x.grad, x64.grad) <= lowp_tolerance(torch.bfloat16, x_torch.grad, x64.grad)
 
 
 # ---------------------------------------------------------------- the models
