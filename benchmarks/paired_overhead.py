@@ -11,8 +11,8 @@ each model's median and the median of the per-round ratios.
 ``--stub-conv`` leaves the Python layers, dispatch and the small ops (BatchNorm, ReLU, add): the
 difference between the two medians is then the Python-side cost alone. ``--same-model`` times two
 torchvision models, which shows how small a ratio this method resolves on this machine. Where each
-model's weights land in memory moves the ratio by about 1-2% (the forward streams 100 MB of weights), and
-the model built first lands first: run both orders.
+model's weights land in memory moves the ratio by 1-2% from one process to the next (the forward streams
+100 MB of weights): run both build orders (``--theirs-first`` builds torchvision's model first).
 """
 
 import argparse
