@@ -25,12 +25,13 @@ import torchvision
 
 import resnet_fast
 from resnet_fast.ops import reference
+from resnet_fast.ops.layout import conv_output_size
 
 
 def _stub_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """A zero tensor of F.conv2d's output shape (square kernels, one stride and padding for both axes)."""
     s, p, d = (v if isinstance(v, int) else v[0] for v in (stride, padding, dilation))
-    h, w = ((n + 2 * p - d * (weight.shape[2] - 1) - 1) // s + 1 for n in x.shape[2:])
+    h, w = (conv_output_size(n, weight.shape[2], s, p, d) for n in x.shape[2:])
     return x.new_zeros(x.shape[0], weight.shape[0], h, w)
 
 

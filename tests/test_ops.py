@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import resnet_fast
 from resnet_fast import backends, ops
 from resnet_fast.ops import reference
-from resnet_fast.testing import parity_tolerance
-from conftest import rel_err
+from conftest import lowp_tolerance, rel_err
 
 
 def test_fold_bn_matches_conv_then_batch_norm_in_float64():
@@ -94,7 +93,7 @@ def test_batch_norm_act_training_gradients_are_as_precise_as_torchs():
     ref = gradients(torchs, torch.float64)
     for name, got, theirs, want in zip("x residual weight bias".split(), gradients(ours, torch.float32),
                                        gradients(torchs, torch.float32), ref):
-        assert rel_err(got, want) <= parity_tolerance(torch.float32, rel_err(theirs, want)), name
+        assert rel_err(got, want) <= lowp_tolerance(torch.float32, theirs, want), name
 
 
 @pytest.mark.parametrize("momentum", [0.2, None])
@@ -388,11 +387,11 @@ def counted_resolve(monkeypatch):
     count = [0]
     resolve = backends.resolve
 
-    def counting(op, device):
+    def counted(op, device):
         count[0] += 1
         return resolve(op, device)
 
-    monkeypatch.setattr(backends, "resolve", counting)
+    monkeypatch.setattr(backends, "resolve", counted)
     return count
 
 
