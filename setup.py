@@ -87,7 +87,7 @@ setup(
     # The sources stay at the top of the repository (CMakeLists.txt builds them too) and are
     # installed inside the package, where resnet_fast.backends.cuda_build looks first.
     package_dir={"resnet_fast.csrc": "csrc"},
-    package_data={"resnet_fast": ["py.typed"], "resnet_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={"resnet_fast": ["py.typed", "kernels/tuned/*.json"], "resnet_fast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

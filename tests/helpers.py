@@ -1,5 +1,6 @@
-"""Model builders and the convolution parity check shared by the tests."""
+"""Model builders and the convolution and stem parity checks shared by the tests."""
 import collections
+import contextlib
 import copy
 import json
 import os
@@ -140,6 +141,42 @@ RESNET50_CONVS = [
     (1024, 512, 1, 1, 14, False, True), (512, 512, 3, 2, 14, False, True), (512, 2048, 1, 1, 7, True, True),
     (1024, 2048, 1, 2, 14, False, False), (2048, 512, 1, 1, 7, False, True), (512, 512, 3, 1, 7, False, True),
 ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the stem against float64
+
+def stem_tensors(c_in: int, c_out: int, dtype: torch.dtype, bias: bool = True) -> tuple:
+    """(weight, bias, bn_weight, bn_bias, running_mean, running_var): weight and bias in ``dtype``, scaled so
+    outputs stay O(1); the BatchNorm in float32, as a cast model or autocast keeps it."""
+    w = (torch.randn(c_out, c_in, 7, 7, device=DEVICE) / (c_in * 49) ** 0.5).to(dtype)
+    b = torch.randn(c_out, device=DEVICE).to(dtype) if bias else None
+    f32 = dict(device=DEVICE)
+    return w, b, torch.rand(c_out, **f32) + 0.5, torch.randn(c_out, **f32) * 0.2, torch.randn(c_out, **f32) * 0.2, \
+        torch.rand(c_out, **f32) + 0.5
+
+
+def check_stem(x: torch.Tensor, tensors: tuple, calls: list, autocast: torch.dtype | None = None) -> None:
+    """The fused op on ``x`` against the float64 reference of x cast to the compute dtype (the spec casts
+    before convolving), within 2x PyTorch's own error in that dtype."""
+    w, b, *norm = tensors
+    cast = contextlib.nullcontext() if autocast is None else torch.autocast(DEVICE, autocast)
+    with resnet_fast.backend("triton", strict=True), cast:
+        out = ops.stem(x, w, b, *norm, eps=1e-3)
+    compute = autocast or w.dtype
+    assert calls == [x.dtype], "the fused kernel must run once, on x as given (no cast before the op)"
+    w, b = w.to(compute), None if b is None else b.to(compute)  # what the autocast rule does
+    ref64 = reference.stem(*(None if t is None else t.double() for t in (x.to(compute), w, b, *norm)), 1e-3)
+    assert out.shape == ref64.shape and out.dtype == compute
+    assert out.is_contiguous(memory_format=layout.conv_output_format(x, w)), out.stride()
+    tol = FP32_TOL
+    if compute != torch.float32:
+        tol = lowp_tolerance(compute, reference.stem(x, w, b, *norm, 1e-3), ref64)
+        # The interpreter truncates float32 -> bfloat16 casts: the output's, and x's in the load when x
+        # is cast there (a GPU rounds both).
+        if compute == torch.bfloat16:
+            tol += BF16_INTERPRETER_ULP * (2 if x.dtype != compute else 1)
+    assert rel_err(out, ref64) <= tol, (rel_err(out, ref64), tol)
+
 
 
 # ---------------------------------------------------------------- compiling kernels without a GPU

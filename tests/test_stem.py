@@ -7,8 +7,6 @@ on CPU through Triton's interpreter, so shapes stay small (batch 1-2, few output
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torchvision
@@ -16,12 +14,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fast
 from resnet_fast import backends, ops
-from resnet_fast.ops import layout, reference
+from resnet_fast.ops import reference
 from resnet_fast.testing import randomize_batch_norm
 
 from conftest import lowp_tolerance, rel_err
 from helpers import (  # noqa: F401 (poisoned_outputs: an autouse fixture)
-    BF16_INTERPRETER_ULP, DEVICE, FP32_TOL, compile_kernels, poisoned_outputs,
+    BF16_INTERPRETER_ULP, DEVICE, FP32_TOL, check_stem, compile_kernels, poisoned_outputs, stem_tensors,
 )
 
 pytest.importorskip("triton")
@@ -43,39 +41,6 @@ def fused_calls(monkeypatch) -> list[torch.dtype]:
 
     monkeypatch.setitem(stem_kernels.STEM_KERNELS, "fused", counted)
     return calls
-
-
-def _stem_tensors(c_in: int, c_out: int, dtype: torch.dtype, bias: bool = True) -> tuple:
-    """(weight, bias, bn_weight, bn_bias, running_mean, running_var): weight and bias in ``dtype``, scaled so
-    outputs stay O(1); the BatchNorm in float32, as a cast model or autocast keeps it."""
-    w = (torch.randn(c_out, c_in, 7, 7, device=DEVICE) / (c_in * 49) ** 0.5).to(dtype)
-    b = torch.randn(c_out, device=DEVICE).to(dtype) if bias else None
-    f32 = dict(device=DEVICE)
-    return w, b, torch.rand(c_out, **f32) + 0.5, torch.randn(c_out, **f32) * 0.2, torch.randn(c_out, **f32) * 0.2, \
-        torch.rand(c_out, **f32) + 0.5
-
-
-def _check_stem(x: torch.Tensor, tensors: tuple, calls: list, autocast: torch.dtype | None = None) -> None:
-    """The fused op on ``x`` against the float64 reference of x cast to the compute dtype (the spec casts
-    before convolving), within 2x PyTorch's own error in that dtype."""
-    w, b, *norm = tensors
-    cast = contextlib.nullcontext() if autocast is None else torch.autocast(DEVICE, autocast)
-    with resnet_fast.backend("triton", strict=True), cast:
-        out = ops.stem(x, w, b, *norm, eps=1e-3)
-    compute = autocast or w.dtype
-    assert calls == [x.dtype], "the fused kernel must run once, on x as given (no cast before the op)"
-    w, b = w.to(compute), None if b is None else b.to(compute)  # what the autocast rule does
-    ref64 = reference.stem(*(None if t is None else t.double() for t in (x.to(compute), w, b, *norm)), 1e-3)
-    assert out.shape == ref64.shape and out.dtype == compute
-    assert out.is_contiguous(memory_format=layout.conv_output_format(x, w)), out.stride()
-    tol = FP32_TOL
-    if compute != torch.float32:
-        tol = lowp_tolerance(compute, reference.stem(x, w, b, *norm, 1e-3), ref64)
-        # The interpreter truncates float32 -> bfloat16 casts: the output's, and x's in the load when x
-        # is cast there (a GPU rounds both).
-        if compute == torch.bfloat16:
-            tol += BF16_INTERPRETER_ULP * (2 if x.dtype != compute else 1)
-    assert rel_err(out, ref64) <= tol, (rel_err(out, ref64), tol)
 
 
 # Channels 1, 3, 4; sizes where the pool's last window hangs over the edge (H_conv even: 223, 7, 97, 33)
@@ -100,7 +65,7 @@ _PARITY = [
 def test_stem_parity(c_in, hw, channels_last, x_dtype, dtype, fused_calls):
     x = torch.randn(1 if hw[0] > 100 else 2, c_in, *hw, device=DEVICE).to(x_dtype)
     x = x.to(memory_format=CL if channels_last else torch.contiguous_format)
-    _check_stem(x, _stem_tensors(c_in, 5, dtype, bias=c_in != 4), fused_calls)
+    check_stem(x, stem_tensors(c_in, 5, dtype, bias=c_in != 4), fused_calls)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -108,25 +73,25 @@ def test_stem_under_autocast_casts_x_in_the_load(dtype, fused_calls):
     """A float32 model and float32 x under autocast: the op computes in the autocast dtype and x reaches
     the kernel as float32 (the autocast rule casts only the weight and bias)."""
     x = torch.randn(2, 3, 21, 19, device=DEVICE)
-    _check_stem(x, _stem_tensors(3, 6, torch.float32), fused_calls, autocast=dtype)
+    check_stem(x, stem_tensors(3, 6, torch.float32), fused_calls, autocast=dtype)
 
 
 def test_stem_tiles_strips_and_channel_blocks(fused_calls):
     """Row tiles that straddle images, several strips of pooled rows, two channel blocks, no BatchNorm
     affine parameters and a strided (neither NCHW nor NHWC) input."""
     x = torch.randn(9, 2, 33, 130, device=DEVICE).transpose(2, 3)[:, :, :129]  # [9, 2, 129, 33]
-    w, b, _, _, mean, var = _stem_tensors(2, 80, torch.float32)
-    _check_stem(x, (w, b, None, None, mean, var), fused_calls)
+    w, b, _, _, mean, var = stem_tensors(2, 80, torch.float32)
+    check_stem(x, (w, b, None, None, mean, var), fused_calls)
 
 
 def test_stem_without_batch_norm(fused_calls):
     x = torch.randn(2, 3, 15, 17, device=DEVICE).to(memory_format=CL)
-    w, b, *_ = _stem_tensors(3, 7, torch.float16)
-    _check_stem(x, (w, b, None, None, None, None), fused_calls)
+    w, b, *_ = stem_tensors(3, 7, torch.float16)
+    check_stem(x, (w, b, None, None, None, None), fused_calls)
 
 
 def test_empty_batch(fused_calls):
-    w, b, *norm = _stem_tensors(3, 4, torch.float32)
+    w, b, *norm = stem_tensors(3, 4, torch.float32)
     with resnet_fast.backend("triton", strict=True):
         out = ops.stem(torch.randn(0, 3, 16, 16, device=DEVICE), w, b, *norm)
     assert out.shape == (0, 4, 4, 4)
@@ -140,7 +105,7 @@ def test_the_default_triton_stem_is_conv_then_pool(monkeypatch):
     for name, fn in list(stem_kernels.STEM_KERNELS.items()):
         monkeypatch.setitem(stem_kernels.STEM_KERNELS, name, lambda *a, _n=name, _f=fn: ran.append(_n) or _f(*a))
     x = torch.randn(1, 3, 12, 12, device=DEVICE)
-    w, b, *norm = _stem_tensors(3, 4, torch.float32)
+    w, b, *norm = stem_tensors(3, 4, torch.float32)
     expected = reference.stem(x, w, b, *norm, 1e-5)
     with resnet_fast.backend("triton", strict=True):
         assert rel_err(ops.stem(x, w, b, *norm), expected) <= FP32_TOL
@@ -155,7 +120,7 @@ def test_the_default_triton_stem_is_conv_then_pool(monkeypatch):
 def test_huge_images_go_to_the_reference(fused_calls):
     """Past the kernel's 32-bit offsets: Unsupported before anything is launched."""
     x = torch.zeros(1, 1, 1, 1, device=DEVICE).expand(2**25, 3, 1, 1024)  # 2^33 (image, column) pairs, no memory
-    w, b, *norm = _stem_tensors(3, 4, torch.float32)
+    w, b, *norm = stem_tensors(3, 4, torch.float32)
     with resnet_fast.backend("triton", strict=True), pytest.raises(backends.Unsupported, match="32-bit offsets"):
         ops.stem(x, w, b, *norm)
 
@@ -191,7 +156,7 @@ def test_reference_is_torchvisions_stem():
     ],
 )
 def test_stem_rejects_bad_input(kwargs, error, match):
-    w, b, gamma, beta, mean, var = (t.cpu() for t in _stem_tensors(3, 4, torch.float32))
+    w, b, gamma, beta, mean, var = (t.cpu() for t in stem_tensors(3, 4, torch.float32))
     args = dict(x=torch.randn(1, 3, 16, 16), weight=w, bias=b, bn_weight=gamma, bn_bias=beta, running_mean=mean,
                 running_var=var)
     args.update(kwargs)
@@ -201,7 +166,7 @@ def test_stem_rejects_bad_input(kwargs, error, match):
 
 def _op_samples():
     x = torch.randn(2, 3, 13, 10)
-    w, b, *norm = (t.cpu() for t in _stem_tensors(3, 4, torch.float32))
+    w, b, *norm = (t.cpu() for t in stem_tensors(3, 4, torch.float32))
     return [
         (x, w, b, *norm, 1e-5),
         (x.to(memory_format=CL), w.to(memory_format=CL), None, None, None, None, None, 0.0),
@@ -439,8 +404,8 @@ def test_compiles_for_hopper():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_imagenet_batch_gpu(dtype, fused_calls):
     """The benchmark's shape class: float32 NCHW images, channels_last weights, 64 channels, 224x224."""
-    w, b, *norm = _stem_tensors(3, 64, dtype, bias=False)
-    _check_stem(torch.randn(8, 3, 224, 224, device=DEVICE), (w.to(memory_format=CL), b, *norm), fused_calls)
+    w, b, *norm = stem_tensors(3, 64, dtype, bias=False)
+    check_stem(torch.randn(8, 3, 224, 224, device=DEVICE), (w.to(memory_format=CL), b, *norm), fused_calls)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -449,7 +414,7 @@ def test_int64_offsets_gpu(fused_calls):
     if torch.cuda.mem_get_info()[0] < 16 * 2**30:
         pytest.skip("needs 16 GiB of free GPU memory")
     x = torch.empty(14300, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16).normal_()  # 2.15e9 elements
-    w, b, *norm = _stem_tensors(3, 64, torch.bfloat16)
+    w, b, *norm = stem_tensors(3, 64, torch.bfloat16)
     with torch.no_grad(), resnet_fast.backend("triton", strict=True):
         out = ops.stem(x, w.to(memory_format=CL), b, *norm)
     last = (x[-1:], w, b, *norm)

@@ -5,23 +5,28 @@
   (one fixed config per family instead of timing candidates on the first call per shape).
 * :func:`accumulate`, the main loop's ``acc += a @ b`` with that upcast; :func:`grouped_tile`, the tile
   order that keeps a weight column tile in L2 while ``GROUP_M`` row tiles use it.
-* Host side: :func:`input_precision`, :func:`channel_vector` and :func:`configured`, which launches a
-  kernel autotuned on a GPU or with a fixed config otherwise.
+* Host side: :func:`input_precision`, :func:`channel_vector` and :func:`configured`, which makes a
+  family's :class:`Launcher`: autotuned on a GPU (choices kept across processes by
+  :mod:`resnet_fast.kernels.tuning`), a fixed config otherwise, or a config a test pins.
 * For the tensor-descriptor (TMA) families: the NHWC views their descriptors address (:func:`nhwc`,
   :func:`weight_matrix`) and :func:`descriptor_unsupported_reason`, what every such family requires.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+from resnet_fast.kernels import tuning
+
 __all__ = [
-    "AUTOTUNE", "INTERPRET", "SHARED_MEMORY", "accumulate", "accumulators_fit", "channel_vector", "configured",
+    "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit", "channel_vector", "configured",
     "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits", "grouped_tile", "input_precision", "nhwc",
     "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
 ]
@@ -104,32 +109,97 @@ def dot_flags(dtype: torch.dtype) -> dict:
     return {"PRECISION": input_precision(dtype), "UPCAST": INTERPRET and dtype == torch.bfloat16}
 
 
-def configured(
-    kernel: triton.JITFunction,
-    *,
-    configs: list[triton.Config],
-    key: list[str],
-    prune: Callable[..., list[triton.Config]],
-    fixed: triton.Config,
-    interpreter: triton.Config,
-) -> Callable[..., None]:
-    """``launch(grid_for, *args, **kwargs)`` for ``kernel``: autotuned over ``configs`` on a GPU, ``fixed``
-    with ``RESNET_FAST_AUTOTUNE=0`` and ``interpreter`` under the interpreter. A config's ``pre_hook``
-    (e.g. setting tensor descriptors' block shapes) runs before every launch with that config, autotuned
-    or not; ``grid_for`` gets the launch's keyword arguments and the config's."""
-    tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+class NotACandidate(LookupError):
+    """A pinned config (:meth:`Launcher.pinned`) that the family's pruning drops for this call."""
 
-    def launch(grid_for: Callable[[dict], tuple[int, ...]], *args, **kwargs) -> None:
-        if AUTOTUNE and not INTERPRET:
-            tuned[grid_for](*args, **kwargs)
-            return
-        cfg = interpreter if INTERPRET else fixed
-        meta = {**dict(zip(kernel.arg_names, args)), **kwargs, **cfg.kwargs}
-        if cfg.pre_hook is not None:
-            cfg.pre_hook(meta)
-        kernel[grid_for(meta)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    return launch
+class Launcher:
+    """``launch(grid_for, *args, **kwargs)`` for one kernel family (made by :func:`configured`).
+
+    Which config a launch uses, first match:
+
+    1. the config pinned by :meth:`pinned` (tests: every candidate checked, on the GPU and interpreted);
+    2. ``interpreter`` under the interpreter, ``fixed`` with ``RESNET_FAST_AUTOTUNE=0``;
+    3. the one chosen earlier in this process for the launch's autotune key;
+    4. a stored choice (:mod:`resnet_fast.kernels.tuning`: this machine's cache, then the committed table
+       for this GPU model), if it is still among the candidates ``prune`` keeps for the call;
+    5. Triton's autotuner over those candidates; its choice is added to the cache.
+
+    A config's ``pre_hook`` (e.g. setting tensor descriptors' block shapes) runs before every launch with
+    that config; ``grid_for`` gets the launch's keyword arguments and the config's.
+    """
+
+    def __init__(self, kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
+                 prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config):
+        self.kernel, self.family, self.configs, self.key, self.prune = kernel, family, configs, key, prune
+        self.fixed, self.interpreter = fixed, interpreter
+        self.autotuner = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        self._chosen: dict[tuple[int, str], triton.Config] = {}
+        self._pinned: contextvars.ContextVar[triton.Config | None] = contextvars.ContextVar(
+            f"resnet_fast_pinned_{family}", default=None)
+
+    @contextlib.contextmanager
+    def pinned(self, config: triton.Config) -> Iterator[None]:
+        """Every launch in the block uses ``config``; a launch whose candidates (``prune``) do not include
+        it raises :class:`NotACandidate` instead."""
+        token = self._pinned.set(config)
+        try:
+            yield
+        finally:
+            self._pinned.reset(token)
+
+    def __call__(self, grid_for: Callable[[dict], tuple[int, ...]], *args, **kwargs) -> None:
+        nargs = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+        config = self._pinned.get()
+        if config is not None:
+            if config not in self.prune(self.configs, nargs):
+                raise NotACandidate(f"{self.family}: {config} is not a candidate for this call")
+        elif INTERPRET or not AUTOTUNE:
+            config = self.interpreter if INTERPRET else self.fixed
+        else:
+            config = self._choose(grid_for, nargs, args, kwargs)
+            if config is None:  # the autotuner has launched it
+                return
+        meta = {**nargs, **config.kwargs}
+        if config.pre_hook is not None:
+            config.pre_hook(meta)
+        self.kernel[grid_for(meta)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+
+    def _choose(self, grid_for, nargs: dict, args: tuple, kwargs: dict) -> triton.Config | None:
+        """Steps 3-5 of the class docstring: the config to launch, or None where the autotuner has just
+        timed the candidates and launched its choice."""
+        device = torch.cuda.current_device()
+        key = tuning.key_of(self.key, nargs)
+        config = self._chosen.get((device, key))
+        if config is not None:
+            return config
+        name = torch.cuda.get_device_name(device)
+        config = self._stored(name, key, nargs)
+        if config is not None:
+            self._chosen[device, key] = config
+            return config
+        self.autotuner[grid_for](*args, **kwargs)
+        self._chosen[device, key] = self.autotuner.best_config
+        if tuning.enabled():
+            tuning.store(name, self.family, key, self.autotuner.best_config)
+        return None
+
+    def _stored(self, device_name: str, key: str, nargs: dict) -> triton.Config | None:
+        """The stored choice for ``key``, if it is one of this call's candidates."""
+        entry = tuning.lookup(device_name, self.family, key) if tuning.enabled() else None
+        if entry is None:
+            return None
+        return next((c for c in self.prune(self.configs, nargs) if tuning.config_entry(c) == entry), None)
+
+
+def configured(kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
+               prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config) -> Launcher:
+    """The :class:`Launcher` of ``kernel``: autotuned over ``configs`` (as ``prune`` keeps them for each
+    call, keyed by the arguments named in ``key`` and the tensors' dtypes) on a GPU, ``fixed`` with
+    ``RESNET_FAST_AUTOTUNE=0`` and ``interpreter`` under the interpreter. ``family`` names the kernel in
+    the tuning tables."""
+    return Launcher(kernel, family=family, configs=configs, key=key, prune=prune, fixed=fixed, interpreter=interpreter)
 
 
 # ------------------------------------------------------------------------- tensor descriptors (TMA)

@@ -223,6 +223,7 @@ def _split_k_reduce_kernel(
 
 _launch = configured(
     _conv_gather_kernel,
+    family="gather",
     configs=_GPU_CONFIGS,
     key=["M", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "dil_h", "dil_w", "SPLIT_K"],
     prune=_prune_configs,

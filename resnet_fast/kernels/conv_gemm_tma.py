@@ -98,6 +98,7 @@ def _conv1x1_gemm_kernel(
 
 _launch = conv_common.configured(
     _conv1x1_gemm_kernel,
+    family="gemm_tma",
     configs=_GPU_CONFIGS,
     # Descriptors carry no dtype the autotuner would key on: BLOCK_K (a 128-byte row) tells fp32 apart.
     key=["M", "C_in", "C_out", "BLOCK_K"],

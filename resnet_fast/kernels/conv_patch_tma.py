@@ -137,6 +137,7 @@ def _conv_patch_kernel(
 
 _launch = conv_common.configured(
     _conv_patch_kernel,
+    family="patch_tma",
     configs=_GPU_CONFIGS,
     # Descriptors carry no dtype the autotuner would key on: BLOCK_K (a 128-byte row) tells fp32 apart.
     key=["N", "H_out", "W_out", "C_in", "C_out", "KH", "KW", "stride_h", "stride_w", "PATCH_H", "PATCH_W",

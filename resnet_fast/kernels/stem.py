@@ -155,6 +155,7 @@ def _stem_kernel(
 
 _launch = configured(
     _stem_kernel,
+    family="stem",
     configs=_GPU_CONFIGS,
     key=["M", "C_in", "C_out", "H", "W"],
     prune=lambda configs, nargs, **kwargs: configs,

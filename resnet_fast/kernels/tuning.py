@@ -1,0 +1,108 @@
+"""Autotuned configs that outlive the process: committed tables per GPU model, and a cache per machine.
+
+On a GPU, the first call of each (kernel family, shape) compiles and times every candidate config: for a
+resnet50 forward, dozens of shapes times up to a dozen candidates. Triton keeps compiled kernels on disk,
+but its autotuner's own disk cache gives up on configs with a ``pre_hook`` (the TMA families set their
+descriptors' boxes in one), so resnet_fast keeps the choices itself, in one format in two places:
+
+* committed tables, ``resnet_fast/kernels/tuned/<gpu>.json``, recorded on that GPU model (a session with
+  the GPU copies its cache file there), so a first process on a fresh machine compiles each shape's
+  winner only;
+* a cache, ``$RESNET_FAST_TUNING_CACHE`` (default ``~/.cache/resnet_fast/tuning``) ``/<gpu>.json``, to
+  which each process adds the choices it timed, so that a later process on the machine times nothing.
+
+``<gpu>`` is the device name in lower case, runs of other characters as ``-`` (``nvidia-h100-80gb-hbm3``).
+A choice is keyed by family and autotune key: the values of the family's key arguments, then the dtype
+of each tensor argument, as Triton's autotuner keys them. The launcher
+(:func:`resnet_fast.kernels.conv_common.configured`) uses a stored choice only if it is still one of the
+family's candidates for that call, so a table older than the candidate list can cost speed, never
+correctness. ``RESNET_FAST_TUNING=0`` reads and writes neither (every shape is timed afresh).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import re
+import tempfile
+import warnings
+
+import triton
+
+__all__ = ["COMMITTED", "cache_dir", "config_entry", "device_slug", "enabled", "key_of", "lookup", "store"]
+
+# The committed tables; RESNET_FAST_TUNED_DIR names another folder of them (a site's own, or a measurement
+# of a fresh machine that has a table: benchmarks/first_call.py).
+COMMITTED = pathlib.Path(os.environ.get("RESNET_FAST_TUNED_DIR") or pathlib.Path(__file__).with_name("tuned"))
+
+
+def enabled() -> bool:
+    return os.environ.get("RESNET_FAST_TUNING", "1") != "0"
+
+
+def cache_dir() -> pathlib.Path:
+    configured = os.environ.get("RESNET_FAST_TUNING_CACHE")
+    if configured:
+        return pathlib.Path(configured)
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "resnet_fast" / "tuning"
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``: the table's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def key_of(key_names: list[str], nargs: dict) -> str:
+    """The autotune key of a launch with arguments ``nargs`` (name -> value), as one string."""
+    values = [f"{name}={nargs[name]}" for name in key_names if name in nargs]
+    dtypes = [str(v.dtype) for v in nargs.values() if hasattr(v, "dtype")]
+    return ",".join(values + dtypes)
+
+
+def config_entry(config: triton.Config) -> dict:
+    """What a table stores of a config: its meta-parameters, warps and stages."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _read(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())["configs"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"resnet_fast: ignoring the tuning table {path} ({type(e).__name__}: {e})", stacklevel=3)
+        return {}
+
+
+@functools.cache
+def _committed(slug: str) -> dict:
+    return _read(COMMITTED / f"{slug}.json")
+
+
+def lookup(device_name: str, family: str, key: str) -> dict | None:
+    """The stored choice (:func:`config_entry`) for ``family`` at ``key`` on this GPU model: this
+    machine's cache first (it was timed here), then the committed table; None if neither has one."""
+    slug = device_slug(device_name)
+    for table in (_read(cache_dir() / f"{slug}.json"), _committed(slug)):
+        entry = table.get(family, {}).get(key)
+        if entry is not None:
+            return entry
+    return None
+
+
+def store(device_name: str, family: str, key: str, config: triton.Config) -> None:
+    """Adds a timed choice to this machine's cache (rewritten whole, atomically; a failure to write
+    costs the next process a re-timing, so it warns instead of raising)."""
+    path = cache_dir() / f"{device_slug(device_name)}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        configs = _read(path)
+        configs.setdefault(family, {})[key] = config_entry(config)
+        table = {"device": device_name, "triton": triton.__version__, "configs": configs}
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError as e:
+        warnings.warn(f"resnet_fast: could not write the tuning cache {path} ({e})", stacklevel=3)

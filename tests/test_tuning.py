@@ -1,0 +1,319 @@
+"""Autotuning: every candidate config of every kernel family computes the right answer, and the choices
+persist across processes (:mod:`resnet_fast.kernels.tuning`).
+
+Only one candidate wins for a shape, so testing the autotuned kernel checks one config. Here each
+candidate is pinned in turn (:meth:`~resnet_fast.kernels.conv_common.Launcher.pinned`) and checked against
+float64 on shapes where it is a candidate: on a GPU, where a config can miscompile (Inductor's Triton
+conv template gave wrong results at 8 warps), in every dtype; under the interpreter, which ignores warps
+and stages, once per tile shape, in float16 and float32.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from helpers import (  # noqa: F401 (poisoned_outputs: an autouse fixture)
+    DEVICE, INTERPRET, check_conv, check_stem, poisoned_outputs, stem_tensors,
+)
+
+triton = pytest.importorskip("triton")
+from resnet_fast.kernels import conv, conv_common, conv_gather, conv_gemm_tma, conv_patch_tma, stem, tuning  # noqa: E402
+from resnet_fast.kernels.conv_common import Launcher, NotACandidate  # noqa: E402
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (dtype, TF32): float32 exact and with TF32 (torch's default: more candidates fit on a GPU, and the TMA
+# families take float32 only with it); the interpreter has no TF32 and its bf16 is emulated.
+DTYPES = [(F32, False), (F32, True), (F16, False), (BF16, False)] if not INTERPRET else [(F16, False), (F32, False)]
+
+CONV_FAMILIES = {"gather": conv_gather, "gemm_tma": conv_gemm_tma, "patch_tma": conv_patch_tma}
+# Per family, shapes that between them make every candidate a candidate somewhere (checked below):
+# (n, C_in, C_out, (H, W), kernel, stride, padding, residual, relu, bn, split-K). Sizes are not
+# multiples of the tiles; C_out above 128 keeps the 256-wide tiles.
+CONV_SHAPES = {
+    "gather": [
+        (1, 72, 160, (13, 13), 3, 1, 1, True, True, "affine", 1),  # 169 pixels: large and small-M tiles
+        (1, 128, 96, (7, 7), 3, 1, 1, False, True, "float32", 4),  # batch 1's layer4: split-K partials
+    ],
+    "gemm_tma": [(2, 80, 160, (9, 8), 1, 1, 0, True, True, "affine", 1)],
+    "patch_tma": [
+        (4, 32, 160, (8, 8), 3, 1, 1, True, True, "affine", 1),  # 8x8 patches, four images: 256-pixel tiles
+        (2, 32, 96, (12, 10), 3, 2, 1, False, True, "float32", 1),  # stride 2: four phase views
+    ],
+}
+
+
+def _config_id(family: str, config: triton.Config) -> str:
+    tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "ROWS") if k in config.kwargs)
+    return f"{family}-{tile}-s{config.num_stages}-w{config.num_warps}"
+
+
+def _tiles(config: triton.Config) -> tuple:
+    return tuple(sorted(config.kwargs.items()))
+
+
+def _cases(families: dict) -> list:
+    """(family, config) for every candidate; under the interpreter one per tile shape (it ignores warps
+    and stages), the others skipped."""
+    cases, seen = [], {}
+    for family, module in families.items():
+        for config in module._GPU_CONFIGS:
+            first = seen.setdefault((family, _tiles(config)), _config_id(family, config))
+            marks = []
+            if INTERPRET and first != _config_id(family, config):
+                marks = pytest.mark.skip(reason=f"the interpreter runs the same tiles as {first}")
+            cases.append(pytest.param(family, config, id=_config_id(family, config), marks=marks))
+    return cases
+
+
+class _RecordingKernel:
+    """Stands in for a launcher's kernel and records the meta-parameters, warps and stages of each launch."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches, self.arg_names = kernel, launches, kernel.arg_names
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append({k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")})
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+def _record_launches(monkeypatch, launcher: Launcher) -> list:
+    launches = []
+    monkeypatch.setattr(launcher, "kernel", _RecordingKernel(launcher.kernel, launches))
+    return launches
+
+
+def _assert_launched(launches: list, config: triton.Config) -> None:
+    want = tuning.config_entry(config)
+    assert launches and all({k: launch.get(k) for k in want} == want for launch in launches), (launches, want)
+
+
+@pytest.mark.parametrize("family,config", _cases(CONV_FAMILIES))
+def test_every_conv_candidate_is_correct(family, config, monkeypatch):
+    monkeypatch.setenv(conv.FORCE_VARIABLE, family)
+    launcher: Launcher = CONV_FAMILIES[family]._launch
+    launches = _record_launches(monkeypatch, launcher)
+    ran = []
+    for n, c_in, c_out, hw, k, stride, padding, residual, relu, bn, split in CONV_SHAPES[family]:
+        monkeypatch.setenv("RESNET_FAST_SPLIT_K", str(split))
+        for dtype, tf32 in DTYPES:
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+            try:
+                with launcher.pinned(config):
+                    served = check_conv(n, c_in, c_out, hw, (k, k), stride, padding, 1, dtype, True, residual,
+                                        relu, bn, residual_channels_last=True)
+            except NotACandidate:
+                continue
+            assert served == {family: 1}, (served, dtype, tf32)
+            ran.append((c_in, c_out, dtype, tf32))
+    assert ran, f"{config} is a candidate for none of the shapes here, so nothing checks it"
+    _assert_launched(launches, config)
+
+
+@pytest.mark.parametrize("family,config", _cases({"stem": stem}))
+def test_every_stem_candidate_is_correct(family, config, monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_STEM_KERNEL", "fused")
+    launches = _record_launches(monkeypatch, stem._launch)
+    calls = []
+    fused = stem.STEM_KERNELS["fused"]
+    monkeypatch.setitem(stem.STEM_KERNELS, "fused", lambda x, *args: calls.append(x.dtype) or fused(x, *args))
+    for dtype in [F32, BF16] if INTERPRET else [F32, F16, BF16]:
+        calls.clear()
+        x = torch.randn(2, 3, 43, 37, device=DEVICE)  # 11 pooled rows: a strip ends early at every ROWS
+        with stem._launch.pinned(config):
+            check_stem(x, stem_tensors(3, 64, dtype), calls)
+    _assert_launched(launches, config)
+
+
+def test_a_pinned_config_that_pruning_drops_raises():
+    widest = conv_gather._GPU_CONFIGS[0]  # 128 x 256: taller and wider than 49 pixels x 40 channels need
+    with conv_gather._launch.pinned(widest), pytest.raises(NotACandidate, match="gather: .* not a candidate"):
+        check_conv(1, 16, 40, (7, 7), (3, 3), 1, 1, 1, F16, True, False, True)
+
+
+# ---------------------------------------------------------------- choices that outlive the process
+
+GPU_NAME = "Test GPU 80GB"
+_SHAPE = (1, 16, 40, (7, 7), (3, 3), 1, 1, 1, F16, True, False, True)  # 49 pixels, 40 channels: 5 candidates
+
+
+@pytest.fixture
+def tuned_on_cpu(monkeypatch, tmp_path):
+    """The GPU path of the gather family's launcher, on CPU tensors: autotuning on, the interpreter
+    running each candidate, a CPU timer counting its calls, a fake GPU name, the tuning cache and the
+    committed tables in ``tmp_path``. ``new_process()`` replaces the launcher by a fresh one (no choice
+    remembered in memory), as a new process starts."""
+    if not INTERPRET:
+        pytest.skip("runs the GPU path on CPU tensors")
+    monkeypatch.setattr(conv_common, "INTERPRET", False)
+    monkeypatch.setattr(conv_common, "AUTOTUNE", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU_NAME)
+    monkeypatch.setenv("RESNET_FAST_TUNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "COMMITTED", tmp_path / "tuned")
+    tuning._committed.cache_clear()
+    monkeypatch.setenv(conv.FORCE_VARIABLE, "gather")
+    monkeypatch.setenv("RESNET_FAST_SPLIT_K", "1")
+    timed = []
+
+    def cpu_timer(kernel_call, quantiles):
+        timed.append(kernel_call)
+        kernel_call()
+        return [float(len(timed))] * len(quantiles)  # the first candidate timed wins
+
+    class State:
+        def new_process(self) -> Launcher:
+            tuning._committed.cache_clear()
+            old = conv_gather._launch
+            launcher = Launcher(old.kernel, family=old.family, configs=old.configs, key=old.key, prune=old.prune,
+                                fixed=old.fixed, interpreter=old.interpreter)
+            launcher.autotuner = triton.autotune(old.configs, key=old.key, do_bench=cpu_timer,
+                                                 prune_configs_by={"early_config_prune": old.prune})(old.kernel)
+            monkeypatch.setattr(conv_gather, "_launch", launcher)
+            timed.clear()
+            return launcher
+
+    state = State()
+    state.timed = timed
+    state.cache_file = tmp_path / "cache" / "test-gpu-80gb.json"
+    state.committed_file = tmp_path / "tuned" / "test-gpu-80gb.json"
+    yield state
+    tuning._committed.cache_clear()
+
+
+def _chosen(launcher: Launcher) -> triton.Config:
+    (config,) = launcher._chosen.values()
+    return config
+
+
+def _candidates() -> list[triton.Config]:
+    nargs = {"x_ptr": torch.empty(0, dtype=F16), "C_out": 40, "M": 49, "PRECISION": "ieee"}
+    return conv_gather._prune_configs(conv_gather._GPU_CONFIGS, nargs)
+
+
+def test_a_timed_choice_is_cached_and_the_next_process_times_nothing(tuned_on_cpu):
+    first = tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    assert len(tuned_on_cpu.timed) == len(_candidates()) >= 2
+    chosen = _chosen(first)
+    table = json.loads(tuned_on_cpu.cache_file.read_text())
+    assert table["device"] == GPU_NAME and table["triton"] == triton.__version__
+    (entry,) = table["configs"]["gather"].values()
+    assert entry == tuning.config_entry(chosen)
+
+    tuned_on_cpu.timed.clear()
+    check_conv(*_SHAPE)  # the same process: the choice is remembered in memory
+    assert tuned_on_cpu.timed == []
+
+    second = tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    assert tuned_on_cpu.timed == [] and _chosen(second) is chosen
+
+
+def test_the_committed_table_spares_the_timing(tuned_on_cpu):
+    slowest = _candidates()[-1]
+    tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)  # records the key of this call
+    (key,) = json.loads(tuned_on_cpu.cache_file.read_text())["configs"]["gather"]
+    tuned_on_cpu.cache_file.unlink()
+    tuned_on_cpu.committed_file.parent.mkdir()
+    tuned_on_cpu.committed_file.write_text(json.dumps(
+        {"device": GPU_NAME, "configs": {"gather": {key: tuning.config_entry(slowest)}}}))
+
+    launcher = tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    assert tuned_on_cpu.timed == [] and _chosen(launcher) is slowest
+    assert not tuned_on_cpu.cache_file.exists()  # nothing was timed, so nothing is added
+
+
+def test_a_stored_choice_that_is_no_longer_a_candidate_is_timed_again(tuned_on_cpu):
+    tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    table = json.loads(tuned_on_cpu.cache_file.read_text())
+    (key,) = table["configs"]["gather"]
+    table["configs"]["gather"][key] = {"BLOCK_M": 48, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
+                                       "num_stages": 3}  # not in the candidate list
+    tuned_on_cpu.cache_file.write_text(json.dumps(table))
+
+    launcher = tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    assert len(tuned_on_cpu.timed) == len(_candidates())
+    stored = json.loads(tuned_on_cpu.cache_file.read_text())["configs"]["gather"][key]
+    assert stored == tuning.config_entry(_chosen(launcher))
+
+
+def test_tuning_off_reads_and_writes_nothing(tuned_on_cpu, monkeypatch):
+    tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    monkeypatch.setenv("RESNET_FAST_TUNING", "0")
+    tuned_on_cpu.cache_file.rename(tuned_on_cpu.cache_file.with_suffix(".kept"))
+    tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    assert len(tuned_on_cpu.timed) == len(_candidates()) and not tuned_on_cpu.cache_file.exists()
+
+
+def test_an_unreadable_cache_is_ignored_with_a_warning(tuned_on_cpu):
+    tuned_on_cpu.cache_file.parent.mkdir(parents=True)
+    tuned_on_cpu.cache_file.write_text("{not json")
+    tuned_on_cpu.new_process()
+    with pytest.warns(UserWarning, match="ignoring the tuning table"):
+        check_conv(*_SHAPE)
+    assert len(tuned_on_cpu.timed) == len(_candidates())
+    assert json.loads(tuned_on_cpu.cache_file.read_text())["configs"]["gather"]  # rewritten whole
+
+
+def test_keys_and_file_names():
+    assert tuning.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert tuning.device_slug("NVIDIA H200") == "nvidia-h200"
+    nargs = {"x_ptr": torch.empty(2, dtype=BF16), "M": 49, "C_out": 512, "KH": 3, "eps": 1e-5, "w": torch.empty(1)}
+    assert tuning.key_of(["M", "C_out", "KH", "absent"], nargs) == "M=49,C_out=512,KH=3,torch.bfloat16,torch.float32"
+
+
+def _committed_tables() -> list:
+    return sorted(tuning.COMMITTED.glob("*.json"))
+
+
+@pytest.mark.skipif(not _committed_tables(), reason="no committed tuning table yet (a GPU session records them)")
+def test_committed_tables_name_only_candidate_configs():
+    families = {**CONV_FAMILIES, "stem": stem}
+    for path in _committed_tables():
+        table = json.loads(path.read_text())
+        assert path.stem == tuning.device_slug(table["device"]), path
+        for family, entries in table["configs"].items():
+            known = [tuning.config_entry(c) for c in families[family]._GPU_CONFIGS]
+            assert all(entry in known for entry in entries.values()), (path, family)
+
+
+@requires_cuda
+def test_a_second_process_times_nothing_gpu(tmp_path):
+    """On the GPU, end to end: a resnet18 forward in a fresh process fills the cache; a second process
+    with that cache runs the same forward without timing a candidate."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, resnet_fast, triton, triton.testing\n"
+        "from resnet_fast.kernels import conv_gather\n"
+        "timed, old = [], conv_gather._launch\n"
+        "bench = lambda f, quantiles: timed.append(1) or triton.testing.do_bench(f, quantiles=quantiles)\n"
+        "old.autotuner = triton.autotune(old.configs, key=old.key, do_bench=bench,\n"
+        "                                prune_configs_by={'early_config_prune': old.prune})(old.kernel)\n"
+        "m = resnet_fast.resnet18().eval().cuda().to(memory_format=torch.channels_last).half()\n"
+        "with torch.no_grad(), resnet_fast.backend('triton'):\n"
+        "    m(torch.randn(2, 3, 64, 64, device='cuda').half())\n"
+        "print(len(timed))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RESNET_FAST_AUTOTUNE", "RESNET_FAST_TUNED_DIR")}
+    env.update(RESNET_FAST_TUNING_CACHE=str(tmp_path), RESNET_FAST_CONV_KERNEL="gather")
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    first, second = (int(r.stdout.split()[-1]) for r in runs)
+    assert first > 0 and second == 0, (first, second)
+    assert list(tmp_path.glob("*.json"))
