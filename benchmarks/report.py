@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json --markdown BENCHMARKS.md --plot benchmarks/results.png
+    python benchmarks/report.py models.json kernels.json ...   # several runs of one session, as one report
 
 ``--markdown FILE`` replaces the text between ``<!-- report:begin -->`` and ``<!-- report:end -->`` in
 FILE (the rest of the file is left alone); without it the tables go to stdout. ``--plot`` needs
@@ -18,7 +19,8 @@ from pathlib import Path
 
 BEGIN = "<!-- report:begin -->"
 END = "<!-- report:end -->"
-MODEL_IMPLS = ["eager", "compile", "rf-torch", "rf-triton", "rf-cuda"]
+MODEL_IMPLS = ["eager", "compile", "compile-frozen", "rf-torch", "rf-triton", "rf-cuda"]
+GRAPH_IMPLS = [c + "+graph" for c in MODEL_IMPLS if c == "eager" or c.startswith("rf-")]  # batch-1 captures
 CONV_IMPLS = ["rf-triton", "rf-triton-gather", "rf-triton-tma", "rf-cuda", "cudnn-conv", "cudnn-fused",
               "cudnn-conv+bn+act"]
 ELEMENTWISE_IMPLS = ["rf-cuda", "rf-triton", "eager"]
@@ -29,6 +31,16 @@ def load(path: str | Path) -> dict:
         data = json.load(fh)
     if "benchmarks" not in data or "machine_info" not in data:
         raise ValueError(f"{path} is not a pytest-benchmark JSON (no 'benchmarks' / 'machine_info')")
+    return data
+
+
+def merge(runs: list[dict]) -> dict:
+    """Several runs (e.g. the model and the kernel benchmarks, run one after the other on one machine) as
+    one: the first run's machine and commit, every run's benchmarks, commands and wall times."""
+    data = {**runs[0], "benchmarks": [b for run in runs for b in run["benchmarks"]]}
+    data["command"] = " ; ".join(run.get("command", "?") for run in runs)
+    walls = [run.get("wall_s") for run in runs]
+    data["wall_s"] = sum(walls) if None not in walls else None
     return data
 
 
@@ -123,15 +135,17 @@ def models_section(data: dict) -> str:
         return "### Whole models\n\nNo model benchmark in this JSON."
     present = {name for impls in groups.values() for name in impls}
     cols = [c for c in MODEL_IMPLS if c in present]
-    gcols = [c + "+graph" for c in ["eager", *MODEL_IMPLS[2:]] if c + "+graph" in present]
-    header = ["model", "mode", "batch", "dtype", *cols, *gcols, "best rf / eager", "best rf / compile"]
+    gcols = [c for c in GRAPH_IMPLS if c in present]
+    header = ["model", "mode", "batch", "dtype", *cols, *gcols, "best rf / eager", "best rf / best compile"]
     rows = []
     for (arch, mode, batch, dtype), impls in groups.items():
         cells = [arch, mode, str(batch), dtype]
         cells += [_fmt_int(impls[c]["extra_info"]["img_per_s"]) if c in impls else "–" for c in cols + gcols]
         _, best = _best_rf(impls, graph=False)
         eager = impls.get("eager", {}).get("extra_info", {}).get("img_per_s")
-        comp = impls.get("compile", {}).get("extra_info", {}).get("img_per_s")
+        # against the faster of compile and compile with freezing: Inductor's best
+        comp = max((b["extra_info"]["img_per_s"] for name, b in impls.items() if name.startswith("compile")),
+                   default=None)
         cells.append(f"{best / eager:.2f}x" if best and eager else "–")
         cells.append(f"{best / comp:.2f}x" if best and comp else "–")
         rows.append(cells)
@@ -258,7 +272,7 @@ def plot(data: dict, path: str | Path) -> Path:
     groups = _model_rows(data["benchmarks"])
     if not groups:
         raise RuntimeError("no model benchmark with a throughput in this JSON: nothing to plot")
-    series = [s for s in [*MODEL_IMPLS, *(c + "+graph" for c in ["eager", *MODEL_IMPLS[2:]])]
+    series = [s for s in [*MODEL_IMPLS, *GRAPH_IMPLS]
               if any(s in impls for impls in groups.values())]
     markers = "osD^v<>Px*hH"
     labels = [f"{a} {m} b{b} {d}" for (a, m, b, d) in groups]
@@ -303,11 +317,11 @@ def update_markdown(md_path: str | Path, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", help="file written by pytest --benchmark-json=FILE")
+    p.add_argument("json", nargs="+", help="files written by pytest --benchmark-json=FILE (several: one report)")
     p.add_argument("--markdown", help="fill the report section of this file (e.g. BENCHMARKS.md)")
     p.add_argument("--plot", help="write the images/s plot to this PNG (needs matplotlib)")
     args = p.parse_args(argv)
-    data = load(args.json)
+    data = merge([load(path) for path in args.json])
     plot_name = None
     if args.plot and args.markdown:
         try:

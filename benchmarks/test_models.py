@@ -11,6 +11,8 @@ Implementations (the ``impl`` part of each id):
   call (compilation, autotuning) is excluded from the timing and kept as ``compile_s`` in extra_info.
   Mode: ``RESNET_FAST_BENCH_COMPILE_MODE`` if set, else inductor's default at batch > 1 and
   ``"reduce-overhead"`` (CUDA graphs) at batch 1.
+* ``compile-frozen`` -- eval only: the same with ``torch._inductor.config.freezing = True`` (weights
+  become constants, BatchNorm folded into the convolutions): Inductor's best inference, the one to beat.
 * ``rf-<b>``  -- resnet_fast's model with the same weights under ``resnet_fast.backend("<b>")``; which
   backend each op call really ran on is recorded in extra_info["dispatch"] (fallbacks included).
 * ``+graph``  -- batch 1 eval only: the forward captured in a CUDA graph and replayed (input copied
@@ -25,6 +27,7 @@ gradient of one fwd+bwd at batch min(B, 16).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -57,7 +60,7 @@ class Cfg:
     mode: str  # "eval" or "train"
     batch: int
     dtype: str  # "bf16", "fp16", "fp32"
-    impl: str  # "eager", "compile", "rf-<backend>"
+    impl: str  # "eager", "compile", "compile-frozen", "rf-<backend>"
     graph: bool = False
     device: str = "cuda"
 
@@ -85,7 +88,7 @@ def _model_configs() -> list:
         mark = pytest.mark.headline if key in HEADLINE else pytest.mark.sweep
         impls = ["eager", *(f"rf-{b}" for b in RF_BACKENDS)]
         if key in COMPILED:
-            impls.append("compile")
+            impls += ["compile", "compile-frozen"] if mode == "eval" else ["compile"]
         for impl in impls:
             c = Cfg(arch, mode, batch, dtype, impl)
             params.append(pytest.param(c, id=c.id, marks=[mark]))
@@ -174,11 +177,14 @@ def _bench_eval(cfg: Cfg, measure, benchmark) -> None:
     rot = bu.Rotation(xs)
     work = bu.Work(images=cfg.batch, flops=cfg.batch * bu.model_flops_per_image(cfg.arch))
 
-    with _backend_ctx(cfg, device):
+    frozen = cfg.impl == "compile-frozen"
+    # Inductor reads the flag when it compiles, at the first call inside the timed warm-up.
+    freezing = torch._inductor.config.patch(freezing=True) if frozen else contextlib.nullcontext()
+    with _backend_ctx(cfg, device), freezing:
         fwd = model
-        if cfg.impl == "compile":
+        if cfg.impl.startswith("compile"):
             mode = _compile_mode(cfg.batch)
-            info["compile_mode"] = mode or "default"
+            info["compile_mode"] = (mode or "default") + (" + freezing" if frozen else "")
             fwd = torch.compile(model, mode=mode)
         if cfg.graph and cfg.impl.startswith("rf-"):
             import resnet_fast
@@ -216,7 +222,7 @@ def _bench_eval(cfg: Cfg, measure, benchmark) -> None:
                     return fwd(rot.next())
 
         res = measure(step, device=device, work=work)
-        if cfg.impl == "compile":
+        if cfg.impl.startswith("compile"):
             info["compile_s"] = res.get("first_call_s")  # None under --benchmark-disable
         if cfg.impl.startswith("rf-"):
             with torch.no_grad():
@@ -312,7 +318,7 @@ def _bench_train(cfg: Cfg, measure, benchmark) -> None:
 
         work = bu.Work(images=cfg.batch, flops=3 * cfg.batch * bu.model_flops_per_image(cfg.arch))
         res = measure(step, device=device, work=work)
-        if cfg.impl == "compile":
+        if cfg.impl.startswith("compile"):
             info["compile_s"] = res.get("first_call_s")  # None under --benchmark-disable
         if cfg.impl.startswith("rf-"):
             info["dispatch"] = bu.dispatch_census(step)
@@ -398,3 +404,20 @@ def test_paired_overhead_script_runs(flags):
     found = re.search(r"median ([\d.]+) ms; torchvision: median ([\d.]+) ms; median per-round ratio ([\d.]+) "
                       r"\(3 rounds", done.stdout)
     assert found and all(float(v) > 0 for v in found.groups()), done.stdout
+
+
+@pytest.mark.cpu
+def test_first_call_script_runs(tmp_path):
+    """``benchmarks/first_call.py`` (issue 11's first-call cost) runs its fresh processes and reports each
+    case (on CPU: the reference backend, nothing compiled; a check that it works, not a measurement)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "first_call.json"
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "first_call.py"), "--arch", "resnet18",
+                           "--size", "32", "--work", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert [r["case"] for r in results] == ["cold", "warm", "table"]
+    assert all(r["first_s"] > 0 and r["second_ms"] > 0 and r["arch"] == "resnet18" for r in results), results
+    assert all(line.split()[0] in ("case", "cold", "warm", "table") for line in done.stdout.splitlines())

@@ -88,7 +88,9 @@ def test_report_tables_from_constructed_json(tmp_path: Path):
     model = dict(kind="model", arch="resnet50", mode="eval", batch=256, dtype="bf16", graph=False)
     benches = [
         _bench({**model, "impl": "eager", "img_per_s": 100.0, "parity": {"logits": {"err": 1, "tol": 2}}}, 2.56),
-        _bench({**model, "impl": "compile", "img_per_s": 200.0, "compile_s": 30.0, "compile_mode": "default"}, 1.28),
+        _bench({**model, "impl": "compile", "img_per_s": 160.0, "compile_s": 30.0, "compile_mode": "default"}, 1.6),
+        _bench({**model, "impl": "compile-frozen", "img_per_s": 200.0, "compile_s": 40.0,
+                "compile_mode": "default + freezing"}, 1.28),
         _bench({**model, "impl": "rf-triton", "img_per_s": 400.0,
                 "dispatch": {"calls": {"conv_bn_act": {"triton": 53}}, "fallbacks": []}}, 0.64),
         _bench({**model, "batch": 1, "impl": "rf-triton", "graph": True, "img_per_s": 50.0, "capture_s": 0.1}, 0.02),
@@ -110,9 +112,10 @@ def test_report_tables_from_constructed_json(tmp_path: Path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps(data))
     text = report.render(report.load(path))
-    assert "| resnet50 | eval | 256 | bf16 | 100 | 200 | 400 |" in text
-    assert "4.00x | 2.00x |" in text  # best rf over eager, over compile
+    assert "| resnet50 | eval | 256 | bf16 | 100 | 160 | 200 | 400 |" in text
+    assert "4.00x | 2.00x |" in text  # best rf over eager, over the best compile (with freezing here)
     assert "rf-triton+graph" in text and "compile 30.0 s (default)" in text
+    assert "compile 40.0 s (default + freezing)" in text
     assert "conv_bn_act: triton 53" in text
     # impl columns in CONV_IMPLS order; speedups of the cuDNN variants over the best rf kernel (TMA here)
     assert "rf-triton-tma ms (TFLOP/s) | cudnn-fused ms (TFLOP/s) |" in text
@@ -127,3 +130,27 @@ def test_report_rejects_other_json(tmp_path: Path):
     p.write_text("{}")
     with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
         report.load(p)
+
+
+def test_report_of_several_runs_is_one_report(tmp_path: Path):
+    """The GPU session's model and kernel runs (two JSONs) fill one report section: both tables, both
+    commands, the summed wall time. Values invented inside this test."""
+    report = _report()
+    model = dict(kind="model", arch="resnet50", mode="eval", batch=256, dtype="bf16", graph=False, impl="eager",
+                 img_per_s=100.0)
+    kernel = dict(kind="kernel", op="add_relu", shape="256ch56px", direction="fwd", impl="eager", median_ms=3.0,
+                  gb_per_s=100.0)
+    paths = []
+    for name, bench, wall in (("models", model, 60.0), ("kernels", kernel, 30.0)):
+        data = {"machine_info": {"resnet_fast_bench": {"gpu": "Test GPU"}}, "commit_info": {}, "version": "5",
+                "benchmarks": [_bench(bench, 1e-3)], "datetime": "2000-01-01T00:00:00", "wall_s": wall,
+                "command": f"pytest {name}"}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    md = tmp_path / "B.md"
+    md.write_text("head\n<!-- report:begin -->\nold\n<!-- report:end -->\ntail\n")
+    assert report.main([str(p) for p in paths] + ["--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "`pytest models ; pytest kernels`" in text and "| wall time of the run | 90 s |" in text
+    assert "| resnet50 | eval | 256 | bf16 | 100 |" in text and "| 256ch56px | fwd |" in text
+    assert text.startswith("head\n") and text.endswith("tail\n") and "old" not in text
