@@ -1,53 +1,128 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in as few calls as possible (a lent GPU machine's time is short): build
-# the extension for the visible GPU, run the whole test suite there (GPU tests included), run the
-# headline benchmarks and turn them into tables. Logs and results go to $OUT (or ./gpu-out).
+# Everything that needs a GPU, in one call sized for a short lease (15 minutes of device time, the
+# machine's start included; one call may run 10 minutes). Phases run in priority order, each under a
+# timeout that is the smaller of its own limit and what is left of BUDGET_S, so the call always ends in
+# time with every log written; a phase that runs out of time is cut and the next ones are skipped.
 #
-#   bash benchmarks/gpu_session.sh              # build, tests, headline benchmarks, report
-#   bash benchmarks/gpu_session.sh tests        # build and tests only
-#   bash benchmarks/gpu_session.sh bench        # build, benchmarks and report only
-#   BENCH_SELECT="" bash benchmarks/gpu_session.sh bench   # every benchmark, not just the headline set
+#   bash benchmarks/gpu_session.sh                   # all phases, in this order:
+#     build       the extension for this GPU (pip install -e .)
+#     tests       the test suite (packaging and CMake left out), RESNET_FAST_AUTOTUNE=0 (one fixed
+#                 config per family; tests/test_tuning.py pins and checks every autotune candidate),
+#                 spread over TEST_WORKERS processes (pytest-xdist) since compiling kernels is CPU work
+#     first-call  benchmarks/first_call.py cold (a fresh process with empty Triton and tuning caches:
+#                 compile and autotune of resnet50, batch 256, bf16), then warm (a second process)
+#     models      the headline whole-model benchmarks (eager, compile, compile + freezing, resnet_fast),
+#                 autotuning on, with the caches first-call left
+#     main        python -m resnet_fast (resnet50, batch 256, bf16)
+#     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
+#     table       a fresh machine with the recorded choices as committed table (first_call.py table)
+#   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
+#   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
+#   TESTS="tests/test_tuning.py -k gather" bash benchmarks/gpu_session.sh tests   # a rerun of some tests
 #
-# Each phase runs under `timeout $PHASE_TIMEOUT` (default 270 s), so a call that may last at most
-# 10 minutes still returns its logs. The first forward of each conv shape compiles and autotunes the
-# Triton kernel; RESNET_FAST_AUTOTUNE=0 uses one fixed config instead (quicker, for a tests-only call).
+# Results, at most 8 files, in $OUT (or ./gpu-out): summary.txt (device, versions, each phase's status
+# and time, the first-call table, the main job's report), logs.tar.gz (every log, the tests' JUnit XML,
+# the benchmark logs), bench-models.json and bench-kernels.json, BENCHMARKS.md (the report written into
+# a copy), results.png, and tuned-<gpu>.json (the autotuner's choices, to commit as
+# resnet_fast/kernels/tuned/<gpu>.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=${WORK:-/tmp/resnet_fast-gpu}
+logs="$work/logs"
+rm -rf "$logs"  # the caches stay: a second call on a machine still warm reuses them
+mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
-phases=${*:-tests bench}
+budget=${BUDGET_S:-540}
 select=${BENCH_SELECT--m headline}
-limit=${PHASE_TIMEOUT:-270}
+workers=${TEST_WORKERS:-8}
+phases=" ${*:-build tests first-call models main kernels table} "
+start=$SECONDS
+summary="$out/summary.txt"
+: > "$summary"
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', \
-torch.backends.cudnn.version(), 'triton', triton.__version__)" | tee -a "$out/device.txt"
+say() { echo "$*" | tee -a "$summary"; }
+
+# run_phase NAME LIMIT COMMAND...: COMMAND under min(LIMIT, budget left - 20 s), output to logs/NAME.log.
+run_phase() {
+  local name=$1 limit=$2
+  shift 2
+  [[ "$phases" == *" $name "* ]] || return 0
+  local left=$((budget - (SECONDS - start) - 20))
+  if ((left < 30)); then
+    say "phase $name: skipped, ${left}s of the budget left"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
+  local t0=$SECONDS
+  # SIGINT first: pytest then still writes its JUnit XML and benchmark JSON for what has run.
+  timeout -s INT -k 15 "$limit" "$@" > "$logs/$name.log" 2>&1
+  local rc=$?
+  say "phase $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)$([[ $rc == 124 ]] && echo ', cut at its limit')"
+  tail -15 "$logs/$name.log"
+  return 0
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', \
+torch.backends.cudnn.version(), 'triton', triton.__version__)"
+  date -u +"%Y-%m-%d %H:%M UTC"; git log -1 --format="commit %h %s"
+} 2>&1 | tee -a "$summary"
 
 # The extension must be built against this machine's torch: a _C built elsewhere does not load.
-rm -f resnet_fast/_C*.so
-python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . > "$out/build.log" 2>&1 \
-  || { tail -40 "$out/build.log"; exit 1; }
+build() {
+  rm -f resnet_fast/_C*.so
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation -e .
+}
+run_phase build 150 build
 
-rc=0
-if [[ " $phases " == *" tests "* ]]; then
-  timeout "$limit" python3 -m pytest tests -q -p no:cacheprovider --durations=15 > "$out/tests.log" 2>&1
-  tests_rc=$?
-  tail -40 "$out/tests.log"
-  echo "tests rc=$tests_rc"
-  rc=$(( rc || tests_rc ))
-fi
-if [[ " $phases " == *" bench "* ]]; then
-  # shellcheck disable=SC2086
-  timeout "$limit" python3 -m pytest benchmarks --benchmark-only $select -q -p no:cacheprovider \
-    --benchmark-json="$out/bench.json" > "$out/bench.log" 2>&1
-  bench_rc=$?
-  tail -15 "$out/bench.log"
+tests() {
+  local parallel=()
+  python3 -c "import xdist" 2>/dev/null && parallel=(-n "$workers")
+  # shellcheck disable=SC2086  # TESTS is a list of words
+  TRITON_CACHE_DIR="$work/triton-tests" RESNET_FAST_AUTOTUNE=0 python3 -m pytest ${TESTS:-tests} "${parallel[@]}" -q -ra \
+    -p no:cacheprovider -m "not slow" --ignore=tests/test_packaging.py --ignore=tests/test_cmake_build.py \
+    --durations=25 --junitxml="$logs/tests.xml"
+}
+run_phase tests 200 tests
+
+# The benchmark phases share first_call.py's Triton cache and tuning cache (its cold case empties them).
+export TRITON_CACHE_DIR="$work/first-call/triton" RESNET_FAST_TUNING_CACHE="$work/first-call/tuning"
+run_phase first-call 240 python3 benchmarks/first_call.py --case cold --case warm --work "$work/first-call" \
+  --json "$logs/first-call.json"
+bench() {  # bench NAME FILE: one benchmark file, JSON to $out/bench-NAME.json
+  # shellcheck disable=SC2086  # BENCH_SELECT is a list of words
+  python3 -m pytest "benchmarks/$2" --benchmark-only $select -q -ra -p no:cacheprovider \
+    --benchmark-json="$out/bench-$1.json"
+}
+run_phase models 240 bench models test_models.py
+run_phase main 60 python3 -m resnet_fast
+run_phase kernels 240 bench kernels test_kernels.py
+cp "$RESNET_FAST_TUNING_CACHE"/*.json "$work/" 2>/dev/null  # before the table case empties the cache
+run_phase table 90 python3 benchmarks/first_call.py --case table --work "$work/first-call" \
+  --json "$logs/first-call-table.json"
+
+runs=()
+for json in "$out"/bench-*.json; do [[ -s "$json" ]] && runs+=("$json"); done
+if ((${#runs[@]})); then
   cp BENCHMARKS.md "$out/BENCHMARKS.md"
-  python3 benchmarks/report.py "$out/bench.json" --markdown "$out/BENCHMARKS.md" --plot "$out/results.png" \
-    > "$out/report.log" 2>&1 || tail -5 "$out/report.log"
-  echo "benchmarks rc=$bench_rc"
-  rc=$(( rc || bench_rc ))
+  python3 benchmarks/report.py "${runs[@]}" --markdown "$out/BENCHMARKS.md" --plot "$out/results.png" \
+    > "$logs/report.log" 2>&1 || say "report failed: see logs/report.log"
 fi
-echo "files in $out"
-exit "$rc"
+for table in "$work"/*.json; do
+  [[ -f "$table" ]] && cp "$table" "$out/tuned-$(basename "$table")"
+done
+{
+  echo "--- first call (benchmarks/first_call.py)"
+  cat "$logs/first-call.log" "$logs/table.log" 2>/dev/null | grep -E "^(case|cold|warm|table) " | uniq
+  echo "--- main job"
+  tail -25 "$logs/main.log" 2>/dev/null
+  echo "--- failed or erroring tests"
+  grep -hE "^(FAILED|ERROR) " "$logs/tests.log" 2>/dev/null | head -60
+  echo "total: $((SECONDS - start)) s"
+} >> "$summary"
+tar -czf "$out/logs.tar.gz" -C "$work" logs
+tail -n 40 "$summary"
