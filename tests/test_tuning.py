@@ -272,7 +272,9 @@ def test_keys_and_file_names():
     assert tuning.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert tuning.device_slug("NVIDIA H200") == "nvidia-h200"
     nargs = {"x_ptr": torch.empty(2, dtype=BF16), "M": 49, "C_out": 512, "KH": 3, "eps": 1e-5, "w": torch.empty(1)}
-    assert tuning.key_of(["M", "C_out", "KH", "absent"], nargs) == "M=49,C_out=512,KH=3,torch.bfloat16,torch.float32"
+    key = tuning.key_of(["M", "C_out", "KH"], nargs)
+    assert key == (49, 512, 3, BF16, F32)
+    assert tuning.key_text(["M", "C_out", "KH"], key) == "M=49,C_out=512,KH=3,torch.bfloat16,torch.float32"
 
 
 def _committed_tables() -> list:

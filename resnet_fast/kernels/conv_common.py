@@ -134,7 +134,7 @@ class Launcher:
         self.kernel, self.family, self.configs, self.key, self.prune = kernel, family, configs, key, prune
         self.fixed, self.interpreter = fixed, interpreter
         self.autotuner = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
-        self._chosen: dict[tuple[int, str], triton.Config] = {}
+        self._chosen: dict[tuple, triton.Config] = {}  # (device index, autotune key) -> config
         self._pinned: contextvars.ContextVar[triton.Config | None] = contextvars.ContextVar(
             f"resnet_fast_pinned_{family}", default=None)
 
@@ -174,19 +174,20 @@ class Launcher:
         config = self._chosen.get((device, key))
         if config is not None:
             return config
-        name = torch.cuda.get_device_name(device)
-        config = self._stored(name, key, nargs)
+        name, text = torch.cuda.get_device_name(device), tuning.key_text(self.key, key)
+        config = self._stored(name, text, nargs)
         if config is not None:
             self._chosen[device, key] = config
             return config
         self.autotuner[grid_for](*args, **kwargs)
         self._chosen[device, key] = self.autotuner.best_config
         if tuning.enabled():
-            tuning.store(name, self.family, key, self.autotuner.best_config)
+            tuning.store(name, self.family, text, self.autotuner.best_config)
         return None
 
     def _stored(self, device_name: str, key: str, nargs: dict) -> triton.Config | None:
-        """The stored choice for ``key``, if it is one of this call's candidates."""
+        """The stored choice for the key ``key`` (as the tables write it), if it is one of this call's
+        candidates."""
         entry = tuning.lookup(device_name, self.family, key) if tuning.enabled() else None
         if entry is None:
             return None

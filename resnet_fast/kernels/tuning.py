@@ -31,7 +31,7 @@ import warnings
 
 import triton
 
-__all__ = ["COMMITTED", "cache_dir", "config_entry", "device_slug", "enabled", "key_of", "lookup", "store"]
+__all__ = ["COMMITTED", "cache_dir", "config_entry", "device_slug", "enabled", "key_of", "key_text", "lookup", "store"]
 
 # The committed tables; RESNET_FAST_TUNED_DIR names another folder of them (a site's own, or a measurement
 # of a fresh machine that has a table: benchmarks/first_call.py).
@@ -54,11 +54,16 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def key_of(key_names: list[str], nargs: dict) -> str:
-    """The autotune key of a launch with arguments ``nargs`` (name -> value), as one string."""
-    values = [f"{name}={nargs[name]}" for name in key_names if name in nargs]
-    dtypes = [str(v.dtype) for v in nargs.values() if hasattr(v, "dtype")]
-    return ",".join(values + dtypes)
+def key_of(key_names: list[str], nargs: dict) -> tuple:
+    """The autotune key of a launch with arguments ``nargs`` (name -> value): the key arguments' values,
+    then each tensor argument's dtype (a tuple: the launcher's per-process lookup, at every launch)."""
+    return tuple(nargs.get(name) for name in key_names) + tuple(v.dtype for v in nargs.values() if hasattr(v, "dtype"))
+
+
+def key_text(key_names: list[str], key: tuple) -> str:
+    """:func:`key_of`'s key as the tables write it: ``"M=49,C_out=512,torch.bfloat16"``."""
+    values = [f"{name}={value}" for name, value in zip(key_names, key)]
+    return ",".join(values + [str(dtype) for dtype in key[len(key_names):]])
 
 
 def config_entry(config: triton.Config) -> dict:
