@@ -186,16 +186,23 @@ SHARED_MEMORY = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def compile_kernels(specs: list[dict]) -> list[dict]:
-    """Compiles each spec for its architecture in a process without ``TRITON_INTERPRET``; what each
-    machine code uses, as ``tests/compile_kernels.py`` describes."""
+    """Compiles each spec for its architecture in processes without ``TRITON_INTERPRET`` (as many as
+    there are cores, each compiling its share in turn); what each machine code uses, as
+    ``tests/compile_kernels.py`` describes."""
     pytest.importorskip("triton.backends.nvidia")
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, os.path.join(here, "compile_kernels.py"), json.dumps(specs)], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    shares = [specs[i::max(1, os.cpu_count() or 1)] for i in range(min(len(specs), os.cpu_count() or 1))]
+    procs = [subprocess.Popen([sys.executable, os.path.join(here, "compile_kernels.py"), json.dumps(share)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for share in shares]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout))
+    # share i holds specs i, i + len(shares), ...: deal the results back into the specs' order
+    return [results[i % len(shares)][i // len(shares)] for i in range(len(specs))]
 
 
 def descriptor_type(dtype: str, block_shape: list[int]) -> str:

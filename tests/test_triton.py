@@ -308,6 +308,27 @@ def test_float32_autotune_candidates_compile_without_loop_spills(precision):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_16bit_autotune_candidates_compile_for_hopper():
+    """Every config the autotuner may time for a 16-bit 3x3 layer (batch 256's, and batch 1's where the
+    small-M tiles join) compiles for sm_90 within its shared memory, keeps its main loop out of local
+    memory, and runs its product on wgmma where the channel tile (BLOCK_N, the product's M side) is 64 or
+    more: a candidate that failed here would fail on the GPU in the middle of autotuning. Those already in
+    _GATHER_CASES are not compiled twice."""
+    kept = []
+    for m in (802816, 49):
+        nargs = {"x_ptr": torch.empty(0, dtype=torch.float16), "C_out": 512, "M": m, "PRECISION": "ieee"}
+        kept += [c for c in conv_kernels._prune_configs(conv_kernels._GPU_CONFIGS, nargs) if c not in kept]
+    assert len(kept) == len(conv_kernels._GPU_CONFIGS)
+    cases = [("fp16", 3, False, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+              c.num_warps, "ieee") for c in kept]
+    cases = [c for c in cases if c not in _GATHER_CASES[90]]
+    for case, got in zip(cases, compile_kernels([_gather_spec(90, *c) for c in cases])):
+        assert got["shared"] <= SHARED_MEMORY[90] and not got["ptx"]["ld.local"], (case, got)
+        assert got["loop_spills"] in (0, None), (case, got)
+        assert bool(got["ptx"]["wgmma.mma_async"]) == (case[4] >= 64), (case, got)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 def test_loop_spill_check_sees_spills():
     """The check above can fail: a float32 256 x 256 tile on 4 warps (512 accumulators a thread) spills
     inside its main loop, and compile_kernels reports it."""
