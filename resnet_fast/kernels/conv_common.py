@@ -26,9 +26,9 @@ import triton.language as tl
 from resnet_fast.kernels import tuning
 
 __all__ = [
-    "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit", "channel_vector", "configured",
-    "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits", "grouped_tile", "input_precision", "nhwc",
-    "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
+    "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
+    "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
+    "grouped_tile", "input_precision", "nhwc", "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
