@@ -5,7 +5,8 @@ Only one candidate wins for a shape, so testing the autotuned kernel checks one 
 candidate is pinned in turn (:meth:`~resnet_fast.kernels.conv_common.Launcher.pinned`) and checked against
 float64 on shapes where it is a candidate: on a GPU, where a config can miscompile (Inductor's Triton
 conv template gave wrong results at 8 warps), in every dtype; under the interpreter, which ignores warps
-and stages, once per tile shape, in float16 and float32.
+and stages, once per tile shape, in two dtypes (float16 and float32; the stem's weights float32 and
+bfloat16).
 """
 
 from __future__ import annotations
