@@ -43,3 +43,21 @@ def _fresh_backend_state():
     resnet_fast.set_backend("auto")
     yield
     resnet_fast.set_backend("auto")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[torch.dtype]:
+    """Selects the fused stem kernel and records the x dtype of each of its calls (the kernel module is
+    imported here: it needs Triton, which the other tests do not)."""
+    from resnet_fast.kernels import stem as stem_kernels
+
+    monkeypatch.setenv("RESNET_FAST_STEM_KERNEL", "fused")
+    calls = []
+    fused = stem_kernels.STEM_KERNELS["fused"]
+
+    def counted(x, *args):
+        calls.append(x.dtype)
+        return fused(x, *args)
+
+    monkeypatch.setitem(stem_kernels.STEM_KERNELS, "fused", counted)
+    return calls

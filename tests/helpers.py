@@ -145,6 +145,7 @@ RESNET50_CONVS = [
 
 # ---------------------------------------------------------------- the stem against float64
 
+
 def stem_tensors(c_in: int, c_out: int, dtype: torch.dtype, bias: bool = True) -> tuple:
     """(weight, bias, bn_weight, bn_bias, running_mean, running_var): weight and bias in ``dtype``, scaled so
     outputs stay O(1); the BatchNorm in float32, as a cast model or autocast keeps it."""

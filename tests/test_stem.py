@@ -28,21 +28,6 @@ stem_kernels = pytest.importorskip("resnet_fast.kernels.stem")
 CL = torch.channels_last
 
 
-@pytest.fixture
-def fused_calls(monkeypatch) -> list[torch.dtype]:
-    """Selects the fused stem kernel and records the x dtype of each of its calls."""
-    monkeypatch.setenv("RESNET_FAST_STEM_KERNEL", "fused")
-    calls = []
-    fused = stem_kernels.STEM_KERNELS["fused"]
-
-    def counted(x, *args):
-        calls.append(x.dtype)
-        return fused(x, *args)
-
-    monkeypatch.setitem(stem_kernels.STEM_KERNELS, "fused", counted)
-    return calls
-
-
 # Channels 1, 3, 4; sizes where the pool's last window hangs over the edge (H_conv even: 223, 7, 97, 33)
 # or not (225, odd H_conv), odd and non-square; both layouts; x float32 with float32, bfloat16 and float16
 # weights (a cast model), and x in the model's dtype. Rotated rather than multiplied out (interpreter cost).

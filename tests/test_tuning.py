@@ -12,6 +12,9 @@ bfloat16).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,17 +121,13 @@ def test_every_conv_candidate_is_correct(family, config, monkeypatch):
 
 
 @pytest.mark.parametrize("family,config", _cases({"stem": stem}))
-def test_every_stem_candidate_is_correct(family, config, monkeypatch):
-    monkeypatch.setenv("RESNET_FAST_STEM_KERNEL", "fused")
+def test_every_stem_candidate_is_correct(family, config, monkeypatch, fused_calls):
     launches = _record_launches(monkeypatch, stem._launch)
-    calls = []
-    fused = stem.STEM_KERNELS["fused"]
-    monkeypatch.setitem(stem.STEM_KERNELS, "fused", lambda x, *args: calls.append(x.dtype) or fused(x, *args))
     for dtype in [F32, BF16] if INTERPRET else [F32, F16, BF16]:
-        calls.clear()
+        fused_calls.clear()
         x = torch.randn(2, 3, 43, 37, device=DEVICE)  # 11 pooled rows: a strip ends early at every ROWS
         with stem._launch.pinned(config):
-            check_stem(x, stem_tensors(3, 64, dtype), calls)
+            check_stem(x, stem_tensors(3, 64, dtype), fused_calls)
     _assert_launched(launches, config)
 
 
@@ -169,6 +168,14 @@ def tuned_on_cpu(monkeypatch, tmp_path):
         return [float(len(timed))] * len(quantiles)  # the first candidate timed wins
 
     class State:
+        """What the tests read: the timer's calls and the two table files."""
+
+        cache_file = tmp_path / "cache" / "test-gpu-80gb.json"
+        committed_file = tmp_path / "tuned" / "test-gpu-80gb.json"
+
+        def __init__(self):
+            self.timed = timed
+
         def new_process(self) -> Launcher:
             tuning._committed.cache_clear()
             old = conv_gather._launch
@@ -180,11 +187,7 @@ def tuned_on_cpu(monkeypatch, tmp_path):
             timed.clear()
             return launcher
 
-    state = State()
-    state.timed = timed
-    state.cache_file = tmp_path / "cache" / "test-gpu-80gb.json"
-    state.committed_file = tmp_path / "tuned" / "test-gpu-80gb.json"
-    yield state
+    yield State()
     tuning._committed.cache_clear()
 
 
@@ -297,10 +300,6 @@ def test_committed_tables_name_only_candidate_configs():
 def test_a_second_process_times_nothing_gpu(tmp_path):
     """On the GPU, end to end: a resnet18 forward in a fresh process fills the cache; a second process
     with that cache runs the same forward without timing a candidate."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import torch, resnet_fast, triton, triton.testing\n"
         "from resnet_fast.kernels import conv_gather\n"
