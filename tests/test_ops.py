@@ -161,6 +161,91 @@ def test_conv_bn_act_gradients_reach_every_input():
     assert torch.autograd.gradcheck(f, args)
 
 
+def _eval_batch_norm(x, mean, var, gamma, beta, eps):
+    """Eval-mode batch norm written out, so that autograd reaches the statistics (F.batch_norm's do not)."""
+    out = (x - mean.view(-1, 1, 1)) * torch.rsqrt(var.view(-1, 1, 1) + eps)
+    if gamma is not None:
+        out = out * gamma.view(-1, 1, 1) + beta.view(-1, 1, 1)
+    return out
+
+
+def _torch_conv_bn_act(x, w, b, gamma, beta, mean, var, r, *, eps, relu=True, **geometry):
+    out = F.conv2d(x, w, b, **geometry)
+    if var is not None:
+        out = _eval_batch_norm(out, mean, var, gamma, beta, eps)
+    out = out if r is None else out + r
+    return F.relu(out) if relu else out
+
+
+def _float64_gradient_cases():
+    """name -> (resnet_fast's op, torch's composition, float64 inputs to differentiate)."""
+    d = torch.float64
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=d)
+
+    bn = _bn_tensors(6, d)
+    geometry = dict(stride=2, padding=1, dilation=1, groups=2)
+
+    def conv_bn(x, w, b, gamma, beta, mean, var, r):
+        return ops.conv_bn_act(x, w, b, gamma, beta, mean, var, 1e-3, residual=r, **geometry)
+
+    def conv_plain_bn(x, w, mean, var):
+        return ops.conv_bn_act(x, w, None, None, None, mean, var, 1e-5, padding=(2, 1), dilation=2, relu=False)
+
+    def train_bn(x, gamma, beta, r):
+        return ops.batch_norm_act(x, gamma, beta, None, None, training=True, residual=r)
+
+    def torch_train_bn(x, gamma, beta, r):
+        return F.relu(F.batch_norm(x, None, None, gamma, beta, True, 0.1, 1e-5) + r)
+
+    # Running statistics are buffers there, as in torch's batch norm: no gradient.
+    def eval_bn(x, gamma, beta):
+        return ops.batch_norm_act(x, gamma, beta, bn[2], bn[3], training=False, eps=1e-3)
+
+    def torch_eval_bn(x, gamma, beta):
+        return F.relu(F.batch_norm(x, bn[2], bn[3], gamma, beta, False, 0.0, 1e-3))
+
+    def stem(x, w, b, gamma, beta, mean, var):
+        return ops.stem(x, w, b, gamma, beta, mean, var, 1e-3)
+
+    def torch_stem(x, w, b, gamma, beta, mean, var):
+        return F.max_pool2d(_torch_conv_bn_act(x, w, b, gamma, beta, mean, var, None, eps=1e-3, stride=2,
+                                               padding=3), 3, 2, 1)
+
+    return {
+        "conv_bn_act": (conv_bn, lambda *a: _torch_conv_bn_act(*a, eps=1e-3, **geometry),
+                        [t(2, 4, 9, 8), t(6, 2, 3, 3), t(6), *bn, t(2, 6, 5, 4)]),
+        "conv_bn_act, no affine or bias": (
+            conv_plain_bn,
+            lambda x, w, mean, var: _torch_conv_bn_act(x, w, None, None, None, mean, var, None, eps=1e-5,
+                                                       relu=False, padding=(2, 1), dilation=2),
+            [t(2, 4, 9, 8), t(6, 4, 3, 3), bn[2], bn[3]]),
+        "conv_bias_act": (lambda x, w, b, r: ops.conv_bias_act(x, w, b, padding=1, residual=r),
+                          lambda x, w, b, r: F.relu(F.conv2d(x, w, b, padding=1) + r),
+                          [t(2, 4, 6, 5), t(6, 4, 3, 3), t(6), t(2, 6, 6, 5)]),
+        "batch_norm_act, training": (train_bn, torch_train_bn, [t(3, 6, 5, 4), bn[0], bn[1], t(3, 6, 5, 4)]),
+        "batch_norm_act, eval": (eval_bn, torch_eval_bn, [t(3, 6, 5, 4), bn[0], bn[1]]),
+        "add_relu": (ops.add_relu, lambda x, y: F.relu(x + y), [t(2, 6, 5, 4), t(2, 6, 5, 4)]),
+        "stem": (stem, torch_stem, [t(2, 3, 19, 22), t(6, 3, 7, 7), t(6), *bn]),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_float64_gradient_cases()))
+def test_float64_gradients_equal_autograd_through_torchs_ops(case):
+    """Each op's registered backward against autograd through torch's own ops, in float64 to 1e-12:
+    a formula that differs, or sums kept in float32, fails here (gradcheck's tolerances pass float32 sums)."""
+    ours, theirs, inputs = _float64_gradient_cases()[case]
+    grads = []
+    for f in (ours, theirs):
+        args = [a.clone().requires_grad_() for a in inputs]
+        out = f(*args)
+        out.backward(torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype).view_as(out) % 3)
+        grads.append([a.grad for a in args])
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert rel_err(a, b) <= 1e-12, f"input {i}"
+
+
 def _library_op_samples():
     x, w, b = torch.randn(2, 4, 7, 6), torch.randn(5, 4, 3, 3), torch.randn(5)
     gamma, beta, mean, var = _bn_tensors(5)

@@ -85,19 +85,21 @@ def _conv_bn_act_setup(ctx, inputs, output):
 
 def _conv_bn_act_backward(ctx, grad):
     """With ``z = conv(x) * scale + shift (+ residual)``: the ReLU mask, then per-channel sums for the
-    BatchNorm and bias gradients, then torch's own convolution backward on ``grad * scale``."""
+    BatchNorm and bias gradients (in float32, float64 for float64 activations), then torch's own
+    convolution backward on ``grad * scale``."""
     x, weight, bias, bn_weight, running_mean, running_var, out = ctx.saved_tensors
     need = ctx.needs_input_grad
     stride, padding, dilation, groups = ctx.conv
+    acc = _statistics_dtype(x)
     g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
     grads: list[torch.Tensor | None] = [None] * len(need)
     grads[12] = g if need[12] else None
-    sum_g = g.sum(dim=_REDUCE, dtype=torch.float32) if any(need[2:7]) else None
+    sum_g = g.sum(dim=_REDUCE, dtype=acc) if any(need[2:7]) else None
     grad_conv = g
     if running_var is None:
         grads[2] = sum_g if need[2] else None
     else:
-        scale, _ = bn_scale_shift(None, bn_weight, None, running_mean, running_var, ctx.eps, torch.float32)
+        scale, _ = bn_scale_shift(None, bn_weight, None, running_mean, running_var, ctx.eps, acc)
         grad_conv = (g * scale.view(_CHANNEL)).to(g.dtype)
         grads[2] = sum_g * scale if need[2] else None
         grads[4] = sum_g if need[4] else None
@@ -105,11 +107,11 @@ def _conv_bn_act_backward(ctx, grad):
         if need[3] or need[6]:
             # The BatchNorm's input, conv(x) + bias - mean, recomputed rather than kept from the forward.
             centred = torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-            centred = centred.float() - running_mean.float().view(_CHANNEL)
-            sum_gc = (g.float() * centred).sum(dim=_REDUCE)
-            invstd = torch.rsqrt(running_var.float() + ctx.eps)
+            centred = centred.to(acc) - running_mean.to(acc).view(_CHANNEL)
+            sum_gc = (g.to(acc) * centred).sum(dim=_REDUCE)
+            invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
             grads[3] = sum_gc * invstd if need[3] else None
-            gamma = bn_weight.float() if bn_weight is not None else 1.0
+            gamma = bn_weight.to(acc) if bn_weight is not None else 1.0
             grads[6] = sum_gc * gamma * -0.5 * invstd**3 if need[6] else None
     if need[0] or need[1]:
         grads[0], grads[1], _ = torch.ops.aten.convolution_backward(
