@@ -1,50 +1,90 @@
-"""Which (conv, norm) pairs a block may run as :func:`resnet_fast.ops.functional.conv_norm_act`.
+"""Which modules a block may stand in for with :func:`resnet_fast.ops.functional.conv_norm_act` calls.
 
-Blocks call ``conv_norm_act`` with their modules' tensors when :func:`fusable` accepts every pair, and call
-their modules otherwise (GroupNorm, SyncBatchNorm, a subclass with its own forward, a conv with a
-non-zero padding mode). TorchScript cannot ask a norm for its class, so scripted blocks fuse every norm
-with running statistics, and :func:`check_scriptable` refuses to script the ones Python mode would not.
+A fused call replaces calls to the block's convs, norms and ReLU, so it may stand in for them only where
+those calls would have done nothing else: the modules' forwards are the ones the op implements, and no
+hook would see the calls (a forward or backward hook on the module, e.g. ``torch.nn.utils.prune``'s, which
+recomputes ``weight`` before every call, or a global module hook). Blocks call ``conv_norm_act`` when
+:func:`fusable` accepts their modules and call the modules otherwise (GroupNorm, SyncBatchNorm, a subclass
+with its own forward, a conv with a non-zero padding mode, an activation other than ``nn.ReLU``, a hooked
+module). TorchScript cannot ask a norm for its class, so scripted blocks fuse every norm with running
+statistics, and :func:`check_scriptable` refuses to script the modules Python mode would not fuse.
 """
 
+from typing import Optional
+
 from torch import nn
+from torch.nn.modules import module as _module
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["check_scriptable", "fusable"]
+__all__ = ["check_scriptable", "fusable", "hooked"]
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward or backward hook would see a call of ``module``."""
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks
+    )
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose forward is ``cls.forward`` (its semantics known), and unhooked. (This runs
+    for every module of every forward: the exact-type test first.)"""
+    kind = type(module)
+    return (kind is cls or (isinstance(module, cls) and kind.forward is cls.forward)) and not hooked(module)
 
 
 def _plain_conv(conv: nn.Module) -> bool:
-    return (
-        isinstance(conv, nn.Conv2d)
-        and type(conv).forward is nn.Conv2d.forward
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
+    return _plain(conv, nn.Conv2d) and conv.padding_mode == "zeros" and type(conv.padding) is not str
 
 
 def _plain_norm(norm: nn.Module) -> bool:
     """A norm whose forward is ``nn.BatchNorm2d``'s or ``FrozenBatchNorm2d``'s, so its semantics are known."""
-    return (isinstance(norm, nn.BatchNorm2d) and type(norm).forward is nn.BatchNorm2d.forward) or (
-        isinstance(norm, FrozenBatchNorm2d) and type(norm).forward is FrozenBatchNorm2d.forward
+    return _plain(norm, nn.BatchNorm2d) or _plain(norm, FrozenBatchNorm2d)
+
+
+def _global_hooks() -> bool:
+    """Whether a hook registered for every module (``register_module_forward_hook`` ...) would see calls."""
+    return bool(
+        _module._global_forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
     )
 
 
-def fusable(*pairs: tuple[nn.Module, nn.Module]) -> bool:
-    """Whether every (conv, norm) pair can run as :func:`conv_norm_act` (checked on every Python-mode
-    forward, so modules swapped after construction are honoured)."""
+def fusable(pairs: list[tuple[nn.Module, nn.Module]], relu: Optional[nn.Module] = None) -> bool:
+    """Whether every (conv, norm) pair, followed by ``relu`` (the activation module the fused calls apply,
+    None for none), can run as :func:`conv_norm_act` calls: plain modules, no hooks. Checked on every
+    Python-mode forward, so modules swapped and hooks registered after construction are honoured."""
+    if _global_hooks() or (relu is not None and not _plain(relu, nn.ReLU)):
+        return False
     for conv, norm in pairs:
         if not (_plain_conv(conv) and _plain_norm(norm)):
             return False
     return True
 
 
-def check_scriptable(module: nn.Module, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
-    """TorchScript cannot test a norm's class, so scripted blocks fuse every norm with running statistics;
-    refuse to script the ones whose Python forward would not fuse (rather than change their semantics)."""
+def check_scriptable(module: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], relu: Optional[nn.Module]) -> None:
+    """TorchScript cannot test a module's class, so scripted blocks fuse every norm with running statistics
+    and always apply ReLU; refuse to script the modules whose Python forward would not fuse (rather than
+    change their semantics)."""
+    workaround = "Use torch.export or torch.compile for this model"
+    if relu is not None and not (isinstance(relu, nn.ReLU) and type(relu).forward is nn.ReLU.forward):
+        raise NotImplementedError(
+            f"torch.jit.script of {type(module).__name__} with activation {type(relu).__name__}: resnet_fast "
+            f"scripts blocks whose activation is nn.ReLU. {workaround}."
+        )
+    for child in (*(m for pair in pairs for m in pair), *([] if relu is None else [relu])):
+        if hooked(child):
+            raise NotImplementedError(
+                f"torch.jit.script of {type(module).__name__} with a hook on its {type(child).__name__}: the "
+                f"scripted block may run it fused, where the hook would not see it. {workaround}, or remove the hook."
+            )
     for conv, norm in pairs:
         if hasattr(norm, "running_var") and not (_plain_conv(conv) and _plain_norm(norm)):
             raise NotImplementedError(
                 f"torch.jit.script of {type(module).__name__} with {type(conv).__name__} + {type(norm).__name__}: "
                 "resnet_fast scripts nn.BatchNorm2d, FrozenBatchNorm2d and norms without running statistics "
-                "(GroupNorm, ...). Use torch.export or torch.compile for this model, or convert the norm "
+                f"(GroupNorm, ...). {workaround}, or convert the norm "
                 "(e.g. nn.SyncBatchNorm -> nn.BatchNorm2d) before scripting."
             )

@@ -24,7 +24,7 @@ from torch.nn.modules.utils import _pair
 from torchvision.models import get_model_weights
 
 from resnet_fast import ops
-from resnet_fast.models.conv_bn import check_scriptable, fusable
+from resnet_fast.models.conv_bn import check_scriptable, fusable, hooked
 from resnet_fast.ops import library
 from resnet_fast.ops.functional import conv_norm_act
 from resnet_fast.ops.layout import is_channels_last
@@ -50,13 +50,53 @@ __all__ = [
 STEMS = ("imagenet", "cifar")
 
 
+def _conv_tensors(conv: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """``conv.weight, conv.bias``. For an exact ``nn.Conv2d`` that lookup ends in ``_parameters``, so they are
+    read there: ``Module.__getattr__`` costs about 1 µs a tensor, six tensors for each of a resnet50's 53
+    convolutions every forward. Other classes (a parametrization's property, say) go through getattr."""
+    if type(conv) is nn.Conv2d:
+        p = conv._parameters
+        return p["weight"], p["bias"]
+    return conv.weight, conv.bias
+
+
+def _norm_tensors(norm: nn.Module, training: bool) -> tuple[Optional[Tensor], ...]:
+    """``norm``'s weight, bias, running mean and variance, and, when ``training`` (the only time it is read),
+    its ``num_batches_tracked``; read as :func:`_conv_tensors` reads a conv's (FrozenBatchNorm2d keeps them
+    all as buffers, through getattr)."""
+    if type(norm) is nn.BatchNorm2d:
+        p, b = norm._parameters, norm._buffers
+        tracked = b["num_batches_tracked"] if training else None
+        return p["weight"], p["bias"], b["running_mean"], b["running_var"], tracked
+    tracked = getattr(norm, "num_batches_tracked", None) if training else None
+    return norm.weight, norm.bias, norm.running_mean, norm.running_var, tracked
+
+
+def _conv_norm_act_calls(
+    pairs: list[tuple[nn.Module, nn.Module]], x: Tensor, residual: Optional[Tensor], relu: bool
+) -> Tensor:
+    """The (conv, norm) pairs in order as :func:`conv_norm_act` calls, ReLU after each when ``relu``,
+    ``residual`` added by the last."""
+    last = len(pairs) - 1
+    for i, (conv, norm) in enumerate(pairs):
+        training = norm.training
+        weight, bias = _conv_tensors(conv)
+        gamma, beta, mean, var, tracked = _norm_tensors(norm, training)
+        x = conv_norm_act(
+            x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, gamma, beta, mean, var, norm.eps,
+            training, getattr(norm, "momentum", None), tracked, residual if i == last else None, relu,
+        )
+    return x
+
+
 class _FusedPairs:
     """What a module with (conv, norm) pairs shares: the pairs, named by ``_PAIRS`` (``(conv, norm)``
-    child names in forward order); the Python-mode forward that runs them as :func:`conv_norm_act`
-    calls; and the refusal to script pairs that TorchScript would fuse but Python would not (see
-    :func:`check_scriptable`)."""
+    child names in forward order), and the activation module applied after each, named by ``_ACTIVATION``
+    (None for none); the Python-mode forwards that run them as :func:`conv_norm_act` calls; and the refusal
+    to script modules that TorchScript would fuse but Python would not (see :func:`check_scriptable`)."""
 
     _PAIRS: tuple[tuple[str, str], ...] = ()
+    _ACTIVATION: Optional[str] = "relu"
 
     def _conv_norm_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         # Read from _modules: a forward runs this for every block, and Module.__getattr__ costs more than
@@ -64,33 +104,37 @@ class _FusedPairs:
         children = self._modules
         return [(children[conv], children[norm]) for conv, norm in self._PAIRS]
 
+    def _activation(self) -> Optional[nn.Module]:
+        return None if self._ACTIVATION is None else self._modules[self._ACTIVATION]
+
     @torch.jit.unused
-    def _fused_forward(self, x: Tensor, residual: Optional[Tensor], relu: bool) -> Optional[Tensor]:
-        """The pairs in order as :func:`conv_norm_act` calls (ReLU after each when ``relu``, ``residual``
-        added by the last), or None when some pair does not fuse (checked on every forward, so modules
-        swapped after construction are honoured)."""
+    def _fused_forward(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        """The pairs as :func:`conv_norm_act` calls (:func:`_conv_norm_act_calls`), or None when the modules
+        do not fuse (checked on every forward, so modules swapped and hooks registered after construction
+        are honoured)."""
         pairs = self._conv_norm_pairs()
-        if not fusable(*pairs):
+        activation = self._activation()
+        if not fusable(pairs, activation):
             return None
-        last = len(pairs) - 1
-        for i, (conv, norm) in enumerate(pairs):
-            training = norm.training
-            # Only training reads the counter; fetching a buffer costs a Module.__getattr__ per convolution.
-            tracked = getattr(norm, "num_batches_tracked", None) if training else None
-            x = conv_norm_act(
-                x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, norm.weight,
-                norm.bias, norm.running_mean, norm.running_var, norm.eps, training, getattr(norm, "momentum", None),
-                tracked, residual if i == last else None, relu,
-            )
-        return x
+        return _conv_norm_act_calls(pairs, x, residual, activation is not None)
+
+    @torch.jit.unused
+    def _block_forward(self, x: Tensor) -> Tensor:
+        """A residual block's Python-mode forward: its pairs fused, or torchvision's own forward (every module
+        called, in torchvision's order, so hooks see what they would see there) where they do not fuse."""
+        pairs = self._conv_norm_pairs()
+        if not fusable(pairs, self._activation()):
+            return super(_FusedPairs, self).forward(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        return _conv_norm_act_calls(pairs, x, identity, True)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        check_scriptable(self, self._conv_norm_pairs())
+        check_scriptable(self, self._conv_norm_pairs(), self._activation())
         return self
 
 
 # TorchScript cannot look modules up by name, so each forward below also writes its pairs out as
-# conv_norm_act calls for the scripted path; _fused_forward is the same sequence for Python mode.
+# conv_norm_act calls for the scripted path; _conv_norm_act_calls is the same sequence for Python mode.
 
 
 class Downsample(_FusedPairs, nn.Sequential):
@@ -98,10 +142,11 @@ class Downsample(_FusedPairs, nn.Sequential):
     fused conv + BatchNorm."""
 
     _PAIRS = (("0", "1"),)
+    _ACTIVATION = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            out = self._fused_forward(x, None, False)
+            out = self._fused_forward(x, None)
             if out is not None:
                 return out
         elif hasattr(self[1], "running_var"):
@@ -121,14 +166,12 @@ class BasicBlock(_FusedPairs, tv.BasicBlock):
     _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return self._block_forward(x)
         identity = x
         if self.downsample is not None:
             identity = self.downsample(x)
-        if not torch.jit.is_scripting():
-            out = self._fused_forward(x, identity, True)
-            if out is not None:
-                return out
-        elif hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var"):
+        if hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var"):
             c = self.conv1
             n = self.bn1
             out = conv_norm_act(
@@ -154,14 +197,12 @@ class Bottleneck(_FusedPairs, tv.Bottleneck):
     _PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return self._block_forward(x)
         identity = x
         if self.downsample is not None:
             identity = self.downsample(x)
-        if not torch.jit.is_scripting():
-            out = self._fused_forward(x, identity, True)
-            if out is not None:
-                return out
-        elif hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var") and hasattr(self.bn3, "running_var"):
+        if hasattr(self.bn1, "running_var") and hasattr(self.bn2, "running_var") and hasattr(self.bn3, "running_var"):
             c = self.conv1
             n = self.bn1
             out = conv_norm_act(
@@ -213,6 +254,7 @@ class ResNet(_FusedPairs, tv.ResNet):
     """
 
     _PAIRS = (("conv1", "bn1"),)
+    __jit_unused_properties__ = ["in_channels"]  # it reads _first_conv, which TorchScript does not compile
 
     def __init__(
         self,
@@ -312,7 +354,16 @@ class ResNet(_FusedPairs, tv.ResNet):
 
     @property
     def in_channels(self) -> int:
-        return self.conv1.in_channels
+        return self._first_conv().in_channels
+
+    @torch.jit.unused
+    def _first_conv(self) -> nn.Conv2d:
+        """The conv the input meets first: ``conv1``, or the Conv2d inside it where a pipeline wrapped it
+        (``torch.ao.quantization.fuse_modules`` makes it ``ConvReLU2d(conv, relu)``)."""
+        conv = self.conv1
+        if isinstance(conv, nn.Conv2d):
+            return conv
+        return next(m for m in conv.modules() if isinstance(m, nn.Conv2d))
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
@@ -322,16 +373,17 @@ class ResNet(_FusedPairs, tv.ResNet):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"x must be a 4-D [N, C, H, W] image batch, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.conv1.in_channels:
+        conv = self._first_conv()
+        if x.shape[1] != conv.in_channels:
             raise ValueError(
-                f"x must have {self.conv1.in_channels} channels (the model's in_channels), got {x.shape[1]} "
+                f"x must have {conv.in_channels} channels (the model's in_channels), got {x.shape[1]} "
                 f"(shape {tuple(x.shape)}); see resnet_fast.adapt_input_channels to port a model to other inputs"
             )
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"x must hold images of at least 1x1, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        weight = self.conv1.weight
+        weight = conv.weight
         if x.device != weight.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
         # A float32 image batch is fine for a half-precision model: the stem casts it (in its load when fused).
@@ -346,9 +398,12 @@ class ResNet(_FusedPairs, tv.ResNet):
     def _fused_stem(self) -> bool:
         """Whether the stem runs as one ``stem`` op (:func:`resnet_fast.ops.stem`): in eval mode, for the
         ImageNet stem (torchvision's 7x7 stride-2 ``conv1``, a ``bn1`` applying its running statistics, a
-        3x3 stride-2 ``maxpool``). Checked on every forward, like :func:`fusable`, so modules swapped after
-        construction are honoured; the CIFAR stem and training keep the conv + pool path."""
+        3x3 stride-2 ``maxpool``, all unhooked). Checked on every forward, like :func:`fusable`, so modules
+        swapped and hooks registered after construction are honoured; the CIFAR stem and training keep the
+        conv + pool path."""
         conv, norm, pool = self.conv1, self.bn1, self.maxpool
+        if not fusable(self._conv_norm_pairs(), self._activation()) or hooked(pool):
+            return False
         k, s, p = STEM_CONV
         imagenet_conv = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == (
             (k, k), (s, s), (p, p), (1, 1), 1
@@ -361,10 +416,7 @@ class ResNet(_FusedPairs, tv.ResNet):
             == [(v, v) for v in (*STEM_POOL, 1)]
         )
         running_stats = not norm.training and getattr(norm, "running_var", None) is not None
-        return (
-            not self.training and running_stats and imagenet_conv and imagenet_pool
-            and fusable(*self._conv_norm_pairs())
-        )
+        return not self.training and running_stats and imagenet_conv and imagenet_pool
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[N, in_channels, H, W]`` -> the last stage's feature map ``[N, num_features, h, w]``."""
@@ -381,23 +433,25 @@ class ResNet(_FusedPairs, tv.ResNet):
 
     def _features(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting() and self._fused_stem():
-            c = self.conv1
-            n = self.bn1
+            weight, bias = _conv_tensors(self.conv1)
+            gamma, beta, mean, var, _ = _norm_tensors(self.bn1, False)
             # x as the caller gave it: the op casts it as it loads it, and returns NHWC on CUDA.
-            x = library.call("stem", x, c.weight, c.bias, n.weight, n.bias, n.running_mean, n.running_var, n.eps)
+            x = library.call("stem", x, weight, bias, gamma, beta, mean, var, self.bn1.eps)
         else:
-            x = x.to(self.conv1.weight.dtype)  # the fused stem's cast, here a pass of its own
             out: Optional[Tensor] = None
             if not torch.jit.is_scripting():
-                out = self._fused_forward(x, None, True)
-            elif hasattr(self.bn1, "running_var"):
-                c = self.conv1
-                n = self.bn1
-                out = conv_norm_act(
-                    x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias, n.running_mean,
-                    n.running_var, n.eps, n.training, getattr(n, "momentum", None),
-                    getattr(n, "num_batches_tracked", None), None, True,
-                )
+                x = x.to(self._first_conv().weight.dtype)  # the fused stem's cast, here a pass of its own
+                out = self._fused_forward(x, None)
+            else:
+                x = x.to(self.conv1.weight.dtype)
+                if hasattr(self.bn1, "running_var"):
+                    c = self.conv1
+                    n = self.bn1
+                    out = conv_norm_act(
+                        x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, n.weight, n.bias,
+                        n.running_mean, n.running_var, n.eps, n.training, getattr(n, "momentum", None),
+                        getattr(n, "num_batches_tracked", None), None, True,
+                    )
             x = self.relu(self.bn1(self.conv1(x))) if out is None else out
             x = self.maxpool(x)
         if torch.jit.is_scripting():  # no getattr by name there; __prepare_scriptable__ checked the names
@@ -429,7 +483,7 @@ class ResNet(_FusedPairs, tv.ResNet):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the head with a fresh ``Linear(num_features, num_classes)`` (``Identity`` for 0)."""
-        old = self.fc.weight if isinstance(self.fc, nn.Linear) else self.conv1.weight
+        old = self.fc.weight if isinstance(self.fc, nn.Linear) else self._first_conv().weight
         if num_classes > 0:
             self.fc = nn.Linear(self.num_features, num_classes, device=old.device, dtype=old.dtype)
         else:
