@@ -273,6 +273,18 @@ def test_subclasses_torchvision_classes():
     assert isinstance(m.layer1[0], torchvision.models.resnet.Bottleneck)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_children_in_torchvisions_order(arch):
+    """Module order is API: ``nn.Sequential(*list(model.children())[:-1])``, the classic feature extractor,
+    runs the children in that order, and named_modules() orders printing, hooks and conversions."""
+    tv, rf = model_pair(arch, num_classes=10)
+    assert [n for n, _ in rf.named_modules()] == [n for n, _ in tv.named_modules()]
+    trunks = [nn.Sequential(*list(m.children())[:-1]).eval() for m in (tv, rf)]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert rel_err(trunks[1](x), trunks[0](x)) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "make_input,error,match",
     [

@@ -295,14 +295,13 @@ class ResNet(_FusedPairs, tv.ResNet):
         self.dilation = 1
         self.groups = groups
         self.base_width = width_per_group
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+        # Children in torchvision's order: code like nn.Sequential(*list(model.children())[:-1]) runs them so.
+        imagenet = stem == "imagenet"
+        kernel, stride, padding = (7, 2, 3) if imagenet else (3, 1, 1)
+        self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel, stride=stride, padding=padding, bias=False)
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if imagenet else nn.Identity()
         for i, (planes, blocks) in enumerate(zip(widths, layers)):
             dilate = i > 0 and replace_stride_with_dilation[i - 1]
             stage = self._make_layer(block, planes, blocks, stride=1 if i == 0 else 2, dilate=dilate)
