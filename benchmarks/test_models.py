@@ -255,7 +255,18 @@ def _fwd_bwd(model, x, y, cfg, device):
 
 
 def _check_grads(cfg: Cfg, device, state, info) -> None:
-    """Logits, loss and all parameter gradients of one fwd+bwd at batch min(B, 16)."""
+    """Logits, loss and all parameter gradients of one fwd+bwd at batch min(B, 16), judged on a second fresh
+    draw if the first fails: a ReLU input within rounding of zero falls on either side depending on the
+    rounding order, and one flipped mask in a small late layer moves the whole gradient by ~1e-3 (seen once
+    in ~40 runs of the tiny CPU model, ours and torchvision's alike). A wrong formula fails both draws."""
+    try:
+        _check_grads_once(cfg, device, state, info)
+    except AssertionError as first:
+        info["parity_redrawn"] = str(first)
+        _check_grads_once(cfg, device, state, info)
+
+
+def _check_grads_once(cfg: Cfg, device, state, info) -> None:
     dtype = bu.DTYPES[cfg.dtype]
     size = bu.image_size(cfg.arch)
     pb = min(cfg.batch, PARITY_ROWS)
