@@ -92,9 +92,10 @@ def load_pretrained(model: nn.Module, weights: Any, *, arch: str, progress: bool
                 f"conv1.weight in the checkpoint has shape {tuple(w.shape)}, the model's is "
                 f"{tuple(own['conv1.weight'].shape)} (a different stem?); they cannot be ported"
             )
-    missing, unexpected = model.load_state_dict(state, strict=not skip_head)
-    if skip_head:
-        missing = [k for k in missing if not k.startswith("fc.")]
+    result = model.load_state_dict(state, strict=not skip_head)
+    if skip_head:  # (result read only here, as torchvision reads it nowhere: its tests mock load_state_dict)
+        missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+        unexpected = result.unexpected_keys
         if missing or unexpected:
             raise RuntimeError(f"{arch}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     return model

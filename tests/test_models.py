@@ -388,3 +388,14 @@ def test_legacy_pretrained_keyword(monkeypatch):
     assert asked["weights"] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     with pytest.raises(ValueError, match="not both"):
         resnet_fast.resnet18(pretrained=True, weights="DEFAULT")
+
+
+def test_weights_load_under_torchvisions_test_mocks():
+    """torchvision's detection tests build backbones with weights while mocking the download and
+    ``nn.Module.load_state_dict`` (test_detection_model_trainable_backbone_layers): the loader must not
+    depend on the real return value, as torchvision's own does not."""
+    from unittest import mock
+
+    with mock.patch("torchvision.models._api.load_state_dict_from_url"), \
+            mock.patch("torch.nn.Module.load_state_dict"):
+        assert isinstance(resnet_fast.resnet50(weights="DEFAULT"), resnet_fast.ResNet)
