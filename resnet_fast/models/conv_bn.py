@@ -26,11 +26,15 @@ def hooked(module: nn.Module) -> bool:
     )
 
 
-def _plain(module: nn.Module, cls: type) -> bool:
-    """``module`` is a ``cls`` whose forward is ``cls.forward`` (its semantics known), and unhooked. (This runs
-    for every module of every forward: the exact-type test first.)"""
+def _known(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose forward is ``cls.forward``, so its semantics are known. (This runs for
+    every module of every forward: the exact-type test first.)"""
     kind = type(module)
-    return (kind is cls or (isinstance(module, cls) and kind.forward is cls.forward)) and not hooked(module)
+    return kind is cls or (isinstance(module, cls) and kind.forward is cls.forward)
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    return _known(module, cls) and not hooked(module)
 
 
 def _plain_conv(conv: nn.Module) -> bool:
@@ -69,7 +73,7 @@ def check_scriptable(module: nn.Module, pairs: list[tuple[nn.Module, nn.Module]]
     and always apply ReLU; refuse to script the modules whose Python forward would not fuse (rather than
     change their semantics)."""
     workaround = "Use torch.export or torch.compile for this model"
-    if relu is not None and not (isinstance(relu, nn.ReLU) and type(relu).forward is nn.ReLU.forward):
+    if relu is not None and not _known(relu, nn.ReLU):
         raise NotImplementedError(
             f"torch.jit.script of {type(module).__name__} with activation {type(relu).__name__}: resnet_fast "
             f"scripts blocks whose activation is nn.ReLU. {workaround}."
