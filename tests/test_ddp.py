@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import rel_err
+from helpers import model_pair
 
 WORLD = 2
 STEPS = 2
@@ -32,8 +33,6 @@ def _train(rank: int, port: int, out_dir: str, options: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        from helpers import model_pair
-
         torch.manual_seed(0)  # the same weights on every rank, as DDP requires
         tv, rf = model_pair("resnet18", num_classes=10)
         torch.manual_seed(1 + rank)  # each rank its own data
@@ -80,8 +79,6 @@ def test_ddp_training_matches_torchvisions(tmp_path, options):
 def test_convert_sync_batchnorm_gives_torchvisions_modules_and_eval_outputs():
     """``nn.SyncBatchNorm.convert_sync_batchnorm`` (how DDP pipelines get cross-rank statistics) swaps every
     BatchNorm2d: resnet_fast's blocks then call their modules, as torchvision's do."""
-    from helpers import model_pair
-
     tv, rf = model_pair("resnet18", num_classes=10)
     tv, rf = (nn.SyncBatchNorm.convert_sync_batchnorm(m).eval() for m in (tv, rf))
     kinds = [[type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] for model in (tv, rf)]
