@@ -26,7 +26,7 @@ from torchvision.models import get_model_weights
 from resnet_fast import ops
 from resnet_fast.models.conv_bn import check_scriptable, fusable, hooked
 from resnet_fast.ops import library
-from resnet_fast.ops.functional import conv_norm_act
+from resnet_fast.ops.functional import conv_norm_act, traced_conv_norm_act
 from resnet_fast.ops.layout import is_channels_last
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL
 
@@ -72,6 +72,17 @@ def _norm_tensors(norm: nn.Module, training: bool) -> tuple[Optional[Tensor], ..
     return norm.weight, norm.bias, norm.running_mean, norm.running_var, tracked
 
 
+def _pair_arguments(conv: nn.Module, norm: nn.Module) -> tuple:
+    """The :func:`conv_norm_act` arguments of a (conv, norm) pair after x and before the residual."""
+    training = norm.training
+    weight, bias = _conv_tensors(conv)
+    gamma, beta, mean, var, tracked = _norm_tensors(norm, training)
+    return (
+        weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, gamma, beta, mean, var, norm.eps,
+        training, getattr(norm, "momentum", None), tracked,
+    )
+
+
 def _conv_norm_act_calls(
     pairs: list[tuple[nn.Module, nn.Module]], x: Tensor, residual: Optional[Tensor], relu: bool
 ) -> Tensor:
@@ -79,13 +90,33 @@ def _conv_norm_act_calls(
     ``residual`` added by the last."""
     last = len(pairs) - 1
     for i, (conv, norm) in enumerate(pairs):
-        training = norm.training
-        weight, bias = _conv_tensors(conv)
-        gamma, beta, mean, var, tracked = _norm_tensors(norm, training)
-        x = conv_norm_act(
-            x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, gamma, beta, mean, var, norm.eps,
-            training, getattr(norm, "momentum", None), tracked, residual if i == last else None, relu,
-        )
+        x = conv_norm_act(x, *_pair_arguments(conv, norm), residual if i == last else None, relu)
+    return x
+
+
+def _graph_arguments(pairs: list[tuple[nn.Module, nn.Module]], tracer: torch.fx.Tracer) -> list[tuple]:
+    """Under ``torch.fx`` tracing, each pair's :func:`_pair_arguments` with its tensors made graph nodes
+    now, in the pairs' order: a block reads all its pairs before its shortcut runs, as torchvision's graph
+    does, so an extractor built from the graph lists its parameters in torchvision's order."""
+    return [
+        tuple(torch.fx.Proxy(tracer.create_arg(a), tracer) if isinstance(a, Tensor) else a for a in
+              _pair_arguments(conv, norm))
+        for conv, norm in pairs
+    ]
+
+
+def _traced_conv_norm_act_calls(
+    arguments: list[tuple],
+    x: torch.fx.Proxy,
+    residual: Optional[torch.fx.Proxy],
+    relu: bool,
+    names: list[tuple[Optional[str], Optional[str]]],
+) -> torch.fx.Proxy:
+    """:func:`_conv_norm_act_calls` as graph nodes (:func:`traced_conv_norm_act`), from the pairs'
+    :func:`_graph_arguments`, with each pair's (conv node, result node) names."""
+    last = len(arguments) - 1
+    for i, pair in enumerate(arguments):
+        x = traced_conv_norm_act(*names[i], x, *pair, residual if i == last else None, relu)
     return x
 
 
@@ -107,6 +138,17 @@ class _FusedPairs:
     def _activation(self) -> Optional[nn.Module]:
         return None if self._ACTIVATION is None else self._modules[self._ACTIVATION]
 
+    def _node_names(self) -> list[tuple[Optional[str], Optional[str]]]:
+        """Under ``torch.fx`` tracing, each pair's (convolution node, result node) names: the names
+        torchvision's graph gives the same values, the conv's and the activation's (or, with none, the
+        norm's), as in ``layer1.0.conv1`` and ``layer1.0.relu``. None where a child's name is not an
+        identifier (a Sequential's ``"0"``): torch.fx's own name then."""
+
+        def name(child: Optional[str]) -> Optional[str]:
+            return child if child is not None and child.isidentifier() else None
+
+        return [(name(conv), name(self._ACTIVATION or norm)) for conv, norm in self._PAIRS]
+
     @torch.jit.unused
     def _fused_forward(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The pairs as :func:`conv_norm_act` calls (:func:`_conv_norm_act_calls`), or None when the modules
@@ -116,17 +158,28 @@ class _FusedPairs:
         activation = self._activation()
         if not fusable(pairs, activation):
             return None
-        return _conv_norm_act_calls(pairs, x, residual, activation is not None)
+        relu = activation is not None
+        if isinstance(x, torch.fx.Proxy):
+            arguments = _graph_arguments(pairs, x.tracer)
+            return _traced_conv_norm_act_calls(arguments, x, residual, relu, self._node_names())
+        return _conv_norm_act_calls(pairs, x, residual, relu)
 
     @torch.jit.unused
     def _block_forward(self, x: Tensor) -> Tensor:
         """A residual block's Python-mode forward: its pairs fused, or torchvision's own forward (every module
-        called, in torchvision's order, so hooks see what they would see there) where they do not fuse."""
+        called, in torchvision's order, so hooks see what they would see there) where they do not fuse.
+        The shortcut runs where torchvision runs it, just before the last pair, which adds the residual."""
         pairs = self._conv_norm_pairs()
         if not fusable(pairs, self._activation()):
             return super(_FusedPairs, self).forward(x)
+        if isinstance(x, torch.fx.Proxy):
+            arguments, names = _graph_arguments(pairs, x.tracer), self._node_names()
+            out = _traced_conv_norm_act_calls(arguments[:-1], x, None, True, names[:-1])
+            identity = x if self.downsample is None else self.downsample(x)
+            return _traced_conv_norm_act_calls(arguments[-1:], out, identity, True, names[-1:])
+        out = _conv_norm_act_calls(pairs[:-1], x, None, True)
         identity = x if self.downsample is None else self.downsample(x)
-        return _conv_norm_act_calls(pairs, x, identity, True)
+        return _conv_norm_act_calls(pairs[-1:], out, identity, True)
 
     def __prepare_scriptable__(self) -> nn.Module:
         check_scriptable(self, self._conv_norm_pairs(), self._activation())
@@ -435,11 +488,15 @@ class ResNet(_FusedPairs, tv.ResNet):
             weight, bias = _conv_tensors(self.conv1)
             gamma, beta, mean, var, _ = _norm_tensors(self.bn1, False)
             # x as the caller gave it: the op casts it as it loads it, and returns NHWC on CUDA.
-            x = library.call("stem", x, weight, bias, gamma, beta, mean, var, self.bn1.eps)
+            args = (x, weight, bias, gamma, beta, mean, var, self.bn1.eps)
+            if isinstance(x, torch.fx.Proxy):  # named as torchvision's graph names the stem's result
+                x = library.traced(torch.ops.resnet_fast.stem, args, "maxpool")
+            else:
+                x = library.call("stem", *args)
         else:
             out: Optional[Tensor] = None
             if not torch.jit.is_scripting():
-                x = x.to(self._first_conv().weight.dtype)  # the fused stem's cast, here a pass of its own
+                x = x.to(_conv_tensors(self._first_conv())[0].dtype)  # the fused stem's cast, a pass of its own
                 out = self._fused_forward(x, None)
             else:
                 x = x.to(self.conv1.weight.dtype)

@@ -224,6 +224,13 @@ def call(op: str, *args):
     return kernels[op](*args)
 
 
+def traced(target: Callable, args: tuple, name: str | None) -> torch.fx.Proxy:
+    """The ``torch.fx`` node ``target(*args)`` (some of ``args`` Proxies), named ``name`` (None: the name
+    torch.fx would give it): what calling ``target`` under symbolic tracing records, with a name chosen."""
+    tracer = next(a.tracer for a in args if isinstance(a, torch.fx.Proxy))
+    return tracer.create_proxy("call_function", target, args, {}, name=name)
+
+
 def resolve_once(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``forward(x)``, where in plain eager inference every :func:`call` resolves its kernel (backend
     selection, autocast rule) once for x's device, at its first call, instead of at every call: a model's
