@@ -5,7 +5,8 @@ those calls would have done nothing else: the modules' forwards are the ones the
 hook would see the calls (a forward or backward hook on the module, e.g. ``torch.nn.utils.prune``'s, which
 recomputes ``weight`` before every call, or a global module hook), and no ``torch.func`` transform is
 running (``grad``, ``vmap``, ``jacrev``: torch.library's custom-op autograd does not support them,
-pytorch/pytorch#168393, and the ops have no batching rules). Blocks call ``conv_norm_act`` when
+pytorch/pytorch#168393, and the ops have no batching rules) and no ONNX export (the ops have no ONNX
+translation; ONNX runtimes fuse conv + BatchNorm themselves). Blocks call ``conv_norm_act`` when
 :func:`fusable` accepts their modules and call the modules otherwise (GroupNorm, SyncBatchNorm, a subclass
 with its own forward, a conv with a non-zero padding mode, an activation other than ``nn.ReLU``, a hooked
 module). TorchScript cannot ask a norm for its class, so scripted blocks fuse every norm with running
@@ -59,18 +60,20 @@ def _global_hooks() -> bool:
     )
 
 
-def _func_transform_running() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...) is running. (torch.compile
-    traces the models' forwards without one, and is not asked.)"""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+def _ops_unsupported() -> bool:
+    """Whether the forward runs where the fused ops cannot: under a ``torch.func`` transform (``grad``,
+    ``vmap``, ``jacrev`` ...; torch.compile traces the models' forwards without one, and is not asked),
+    or in ``torch.onnx.export``."""
+    transform = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    return transform or torch.onnx.is_in_onnx_export()
 
 
 def fusable(pairs: list[tuple[nn.Module, nn.Module]], relu: Optional[nn.Module] = None) -> bool:
     """Whether every (conv, norm) pair, followed by ``relu`` (the activation module the fused calls apply,
     None for none), can run as :func:`conv_norm_act` calls: plain modules, no hooks, no ``torch.func``
-    transform. Checked on every Python-mode forward, so modules swapped and hooks registered after
-    construction are honoured."""
-    if _global_hooks() or _func_transform_running() or (relu is not None and not _plain(relu, nn.ReLU)):
+    transform or ONNX export. Checked on every Python-mode forward, so modules swapped and hooks
+    registered after construction are honoured."""
+    if _global_hooks() or _ops_unsupported() or (relu is not None and not _plain(relu, nn.ReLU)):
         return False
     for conv, norm in pairs:
         if not (_plain_conv(conv) and _plain_norm(norm)):
