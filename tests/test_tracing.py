@@ -1,4 +1,5 @@
-"""The same fused ops in every execution mode: eager, torch.fx, TorchScript, torch.compile, torch.export.
+"""The same fused ops in every execution mode: eager, torch.fx, TorchScript (scripted and traced),
+torch.compile, torch.export.
 
 Each mode must give the eager result, its graph must contain the fused op (not the plain modules), and
 in strict mode the kernel backend must be the one that ran. The Triton cases run through the
@@ -45,6 +46,9 @@ def _graph_text(mode: str, model: nn.Module, x: torch.Tensor) -> tuple[str, torc
     if mode == "script":
         scripted = _graph_text.ran = _script(model)
         return str(scripted.inlined_graph).replace("::", "."), scripted(x)
+    if mode == "trace":
+        traced = torch.jit.trace(model, x)
+        return str(traced.inlined_graph).replace("::", "."), traced(x)
     if mode == "compile":
         graphs = []
 
@@ -61,7 +65,7 @@ def _graph_text(mode: str, model: nn.Module, x: torch.Tensor) -> tuple[str, torc
     raise AssertionError(mode)
 
 
-MODES = ["eager", "fx", "script", "compile", "export"]
+MODES = ["eager", "fx", "script", "trace", "compile", "export"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -61,11 +61,13 @@ def _global_hooks() -> bool:
 
 
 def _ops_unsupported() -> bool:
-    """Whether the forward runs where the fused ops cannot: under a ``torch.func`` transform (``grad``,
-    ``vmap``, ``jacrev`` ...; torch.compile traces the models' forwards without one, and is not asked),
-    or in ``torch.onnx.export``."""
-    transform = not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-    return transform or torch.onnx.is_in_onnx_export()
+    """Whether the forward runs where the fused ops cannot: in ``torch.onnx.export``, which traces the
+    model with torch.export or the TorchScript tracer (asked only then: the question costs 1.5 µs), or
+    under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...; torch.compile traces the models'
+    forwards without one)."""
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return torch.onnx.is_in_onnx_export()
+    return torch._C._are_functorch_transforms_active()
 
 
 def fusable(pairs: list[tuple[nn.Module, nn.Module]], relu: Optional[nn.Module] = None) -> bool:
