@@ -64,6 +64,23 @@ def test_train_step_in_float64_is_torchvisions(arch):
         assert rel_err(b.double(), a.double()) <= 1e-9, name
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_torchvisions(reentrant):
+    """Every block under torch.utils.checkpoint (recomputed in the backward), float64: the gradients, and
+    the running statistics updated by both the forward and its recomputation, as torchvision's."""
+    tv, rf = (float64_copy(m).train() for m in model_pair("resnet50", num_classes=5))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for m in (tv, rf):
+        h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        for block in (*m.layer1, *m.layer2, *m.layer3, *m.layer4):
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=reentrant)
+        m.fc(torch.flatten(m.avgpool(h), 1)).square().sum().backward()
+    for (name, a), (_, b) in zip(tv.named_parameters(), rf.named_parameters()):
+        assert rel_err(b.grad, a.grad) <= 1e-9, name
+    for (name, a), (_, b) in zip(tv.named_buffers(), rf.named_buffers()):
+        assert rel_err(b.double(), a.double()) <= 1e-9, name
+
+
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet50", 40)])
 def test_train_mode_matches_torchvision(arch, size):
     """The precision of an fp32 training step against float64: in each of four draws the output and every
