@@ -5,7 +5,10 @@ classes subclass torchvision's, so ``isinstance`` checks written for torchvision
 (conv, BatchNorm) pair runs as one :func:`~resnet_fast.ops.functional.conv_norm_act` call: in eval mode
 (or with ``FrozenBatchNorm2d``) a single ``conv_bn_act`` with the BatchNorm, residual and ReLU in the
 convolution's epilogue; in training the convolution, then ``batch_norm_act``. The same forward runs in
-eager mode, ``torch.fx``, TorchScript, ``torch.compile`` and ``torch.export``.
+eager mode, ``torch.fx`` (its nodes named as torchvision's graph names the same values, for torchvision's
+feature extraction), TorchScript, ``torch.compile`` and ``torch.export``. Where a fused call would not do
+what the modules do, or cannot run (hooks, other norms or activations, ``torch.func`` transforms,
+``torch.onnx.export``; :mod:`resnet_fast.models.conv_bn`), a block runs torchvision's forward.
 
 On CUDA the conv weights are kept channels_last (the layout ``model.to(memory_format=torch.channels_last)``
 gives, applied whenever the model moves to a GPU), so activations are NHWC from the first convolution on
