@@ -53,9 +53,10 @@ def test_node_names_name_torchvisions_values(arch, train):
     only_ours = [n for n in ours if n not in theirs]
     assert all(n == "to" or ".downsample." in n for n in only_ours), only_ours
     shared = [n for n in ours if n in theirs and n != "x"]
-    blocks = [n for n in theirs if n.count(".") == 1 and n.rsplit(".", 1)[1].startswith("relu")]
-    # Each block's ReLU outputs, the stem's and the head's nodes are there.
-    assert set(blocks) <= set(shared) and {"maxpool", "avgpool", "flatten", "fc"} <= set(shared)
+    # Every block's ReLU outputs (layer1.0.relu, ...), the stem's and the head's nodes are there.
+    block_relus = [n for n in theirs if n.count(".") == 2 and n.rsplit(".", 1)[1].startswith("relu")]
+    assert len(block_relus) == {"resnet18": 8 * 2, "resnet50": 16 * 3}[arch]  # blocks x ReLUs per block
+    assert set(block_relus) <= set(shared) and {"maxpool", "avgpool", "flatten", "fc"} <= set(shared)
     if arch == "resnet50":
         assert set(DOCUMENTED_NODES) <= set(shared)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
