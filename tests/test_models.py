@@ -94,8 +94,9 @@ def test_train_mode_matches_torchvision(arch, size):
     gradient errors, ours and torchvision's alike: resnet18 at 64 px, median 2.7e-6 but above 1e-5 in a
     quarter of 60 draws, up to 9e-3; resnet50 at 40 px, flips in every draw, 2e-3 to 4.6e-2 over 45. One
     draw judged alone failed the rule in 2% and 4-10% of runs; the mean of four draws fails it in about
-    0.1% of runs by a log-normal fit to those draws (none of 200,000 resamples of them failed). A precision defect shows in every draw, and the op-level tests
-    judge each backward alone; the float64 test above pins every formula and index."""
+    0.1% of runs by a log-normal fit to those draws (none of 200,000 resamples of them failed). A precision
+    defect shows in every draw, and the op-level tests judge each backward alone; the float64 test above
+    pins every formula and index."""
     grad_errors = []
     for _ in range(4):
         tv, rf = model_pair(arch, num_classes=10)
@@ -390,6 +391,13 @@ def test_meta_device_forward_gives_torchvisions_shapes(train, grad):
         features = rf.forward_features(x)
     assert out.device.type == "meta" and out.shape == tv(x).shape == (2, 6)
     assert features.shape == (2, 512, 2, 1)
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_builders_name_torchvisions_weights_enum(arch):
+    """torchvision's get_model_weights(builder) reads the builder's ``weights`` annotation."""
+    expected = torchvision.models.get_model_weights(getattr(torchvision.models, arch))
+    assert torchvision.models.get_model_weights(ARCHS[arch]) is expected
+
 
 def test_legacy_pretrained_keyword(monkeypatch):
     """torchvision's deprecated ``pretrained=`` (pytorch/examples' ImageNet script passes it): False builds

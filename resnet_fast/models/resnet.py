@@ -17,8 +17,9 @@ without a conversion pass. On CPU the model keeps torchvision's layouts. In eval
 for a float16/bfloat16 model too) and casts it as it loads it.
 """
 
+import os
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torchvision.models.resnet as tv
@@ -583,6 +584,8 @@ def _factory(arch: str, block: type, layers: list[int], defaults: dict[str, Any]
         return _resnet(arch, block, layers, weights, progress, **kwargs)
 
     build.__name__ = build.__qualname__ = arch
+    # torchvision finds a builder's weights enum in this annotation (get_model_weights(resnet_fast.resnet50)).
+    build.__annotations__["weights"] = Optional[Union[get_model_weights(arch), str, Mapping[str, Tensor], os.PathLike]]
     build.__doc__ = (
         f"{doc}\n\n"
         "Args:\n"
