@@ -94,47 +94,29 @@ def conv_norm_act(
                     eps, residual, relu)
 
 
-def traced_conv_norm_act(
-    conv_name: Optional[str],
-    out_name: Optional[str],
-    x: fx.Proxy,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
-    groups: int,
-    norm_weight: Optional[Tensor],
-    norm_bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    eps: float,
-    training: bool,
-    momentum: Optional[float],
-    num_batches_tracked: Optional[Tensor],
-    residual: Optional[fx.Proxy],
-    relu: bool,
-) -> fx.Proxy:
-    """:func:`conv_norm_act` as ``torch.fx`` nodes (x a Proxy), named as torchvision's graph names the
-    values they compute: the convolution after the conv module (``conv_name``, e.g. ``"conv1"``), the
-    result after the module that gives it there (``out_name``: ``"relu"``, so that a block's values are
-    ``layer1.0.relu``, ``layer1.0.relu_1`` ... as ``get_graph_node_names`` lists torchvision's); None
-    keeps torch.fx's name.
+def traced_conv_norm_act(conv_name: Optional[str], out_name: Optional[str], *args) -> fx.Proxy:
+    """:func:`conv_norm_act` of ``args`` (its arguments, in its order; x a Proxy) as ``torch.fx`` nodes,
+    named as torchvision's graph names the values they compute: the convolution after the conv module
+    (``conv_name``, e.g. ``"conv1"``), the result after the module that gives it there (``out_name``:
+    ``"relu"``, so that a block's values are ``layer1.0.relu``, ``layer1.0.relu_1`` ... as
+    ``get_graph_node_names`` lists torchvision's); None keeps torch.fx's name.
 
     With batch statistics the norm is one :func:`norm_act` node, as torchvision's graph has one
     BatchNorm node: every node then computes a tensor (one to pick as a feature), and torch.fx removes
     the whole norm with a branch nobody uses (the running-statistics update, a mutating op, would be
     kept, and the convolutions before it with it).
     """
+    (x, weight, bias, stride, padding, dilation, groups, norm_weight, norm_bias, running_mean, running_var, eps,
+     training, momentum, num_batches_tracked, residual, relu) = args
     if fixed_statistics(running_mean, running_var, training, num_batches_tracked):
-        args = (x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
-                groups, residual, relu)
-        return library.traced(torch.ops.resnet_fast.conv_bn_act, args, out_name)
+        fused = (x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
+                 groups, residual, relu)
+        return library.traced(torch.ops.resnet_fast.conv_bn_act, fused, out_name)
     out = library.traced(F.conv2d, (x, weight, bias, stride, padding, dilation, groups), conv_name)
-    args = (out, norm_weight, norm_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+    norm = (out, norm_weight, norm_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
             residual, relu)
-    norm = library.traced(norm_act, args, out_name)
+    result = library.traced(norm_act, norm, out_name)
     # torch.fx's mark for a function it keeps as one node (torch.fx.wrap's): a GraphModule reloaded from a
     # pickle traces its code again, and would otherwise trace into norm_act.
-    norm.node.meta["is_wrapped"] = True
-    return norm
+    result.node.meta["is_wrapped"] = True
+    return result
