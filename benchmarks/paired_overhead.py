@@ -7,12 +7,17 @@ each model's median and the median of the per-round ratios.
     python3 benchmarks/paired_overhead.py --stub-conv     # convolutions replaced by a shape-only stub
     python3 benchmarks/paired_overhead.py --same-model    # control: torchvision against itself
     python3 benchmarks/paired_overhead.py --theirs-first  # torchvision's model built (allocated) first
+    python3 benchmarks/paired_overhead.py --train --rounds 40  # a training step at batch 8, 112 px
 
 ``--stub-conv`` leaves the Python layers, dispatch and the small ops (BatchNorm, ReLU, add): the
 difference between the two medians is then the Python-side cost alone. ``--same-model`` times two
 torchvision models, which shows how small a ratio this method resolves on this machine. Where each
 model's weights land in memory moves the ratio by 1-2% from one process to the next (the forward streams
 100 MB of weights): run both build orders (``--theirs-first`` builds torchvision's model first).
+
+``--train`` times a training step instead (train mode, forward and backward of the output's sum, the
+gradients set to None before each step) on an 8x3x112x112 batch with torch's default threads: there the
+time is the arithmetic, BatchNorm's statistics and backward included, rather than the Python layers.
 """
 
 import argparse
@@ -41,34 +46,48 @@ def main() -> None:
     parser.add_argument("--stub-conv", action="store_true")
     parser.add_argument("--same-model", action="store_true")
     parser.add_argument("--theirs-first", action="store_true")
+    parser.add_argument("--train", action="store_true")
     args = parser.parse_args()
     if args.stub_conv:  # both models call torch.nn.functional.conv2d, through these two names
         F.conv2d = reference.F.conv2d = _stub_conv2d
-    torch.set_num_threads(1)
+    if not args.train:
+        torch.set_num_threads(1)
     build_ours = torchvision.models.resnet50 if args.same_model else resnet_fast.resnet50
     if args.theirs_first:
-        theirs, ours = torchvision.models.resnet50().eval(), build_ours().eval()
+        theirs, ours = torchvision.models.resnet50(), build_ours()
     else:
-        ours, theirs = build_ours().eval(), torchvision.models.resnet50().eval()
+        ours, theirs = build_ours(), torchvision.models.resnet50()
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(1, 3, 8, 8)
+    if args.train:
+        x = torch.randn(8, 3, 112, 112)
+
+        def call(model: torch.nn.Module) -> None:
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+    else:
+        x = torch.randn(1, 3, 8, 8)
+
+        @torch.no_grad()
+        def call(model: torch.nn.Module) -> None:
+            model(x)
     times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    with resnet_fast.backend("torch", strict=True), torch.no_grad():
+    with resnet_fast.backend("torch", strict=True):
         for model in (ours, theirs):
-            for _ in range(20):
-                model(x)
+            model.train(args.train)
+            for _ in range(2 if args.train else 20):
+                call(model)
         for i in range(args.rounds):
             order = (("ours", ours), ("theirs", theirs)) if i % 2 else (("theirs", theirs), ("ours", ours))
             for name, model in order:
                 start = time.perf_counter()
-                model(x)
+                call(model)
                 times[name].append(time.perf_counter() - start)
     ratio = statistics.median(a / b for a, b in zip(times["ours"], times["theirs"]))
     label = "torchvision (second copy)" if args.same_model else "resnet_fast"
     print(f"{label}: median {statistics.median(times['ours']) * 1e3:.3f} ms; torchvision: median "
           f"{statistics.median(times['theirs']) * 1e3:.3f} ms; median per-round ratio {ratio:.3f} "
           f"({args.rounds} rounds{', convolutions stubbed' if args.stub_conv else ''}"
-          f"{', torchvision built first' if args.theirs_first else ''})")
+          f"{', torchvision built first' if args.theirs_first else ''}{', training step' if args.train else ''})")
 
 
 if __name__ == "__main__":

@@ -403,10 +403,10 @@ def test_cpu_python_overhead(impl, measure, benchmark):
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("flags", [["--stub-conv"], ["--theirs-first"], ["--same-model"]])
+@pytest.mark.parametrize("flags", [["--stub-conv"], ["--theirs-first"], ["--same-model"], ["--train"]])
 def test_paired_overhead_script_runs(flags):
-    """``benchmarks/paired_overhead.py``, issue 10's paired measure, runs and reports two medians and their
-    ratio (three rounds: a check that it works, not a measurement)."""
+    """``benchmarks/paired_overhead.py``, issue 10's paired measure (and its training-step variant), runs
+    and reports two medians and their ratio (three rounds: a check that it works, not a measurement)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "paired_overhead.py"), "--rounds", "3",

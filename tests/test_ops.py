@@ -72,28 +72,41 @@ def test_add_relu_and_batch_norm_act_reference():
     assert rel_err(out, expected) < 1e-6 and rel_err(rm, rm2) < 1e-6 and rel_err(rv, rv2) < 1e-6
 
 
-def test_batch_norm_act_training_gradients_are_as_precise_as_torchs():
-    """One training-mode BatchNorm (+ residual, ReLU) in float32: the gradients of x, the residual and the
-    affine parameters within 2x torch's own float32 error against float64. One layer with 2048 values per
-    channel, so a precision defect in the backward (a cancelling variance, a low-precision sum) shows; the
-    inputs sit off zero (mean 1, std 3), where such a cancellation costs digits."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_act_gradients_are_as_precise_as_torchs(training, dtype):
+    """One BatchNorm (+ residual, ReLU), with batch or running statistics, every tensor in ``dtype`` (as in
+    a model cast to half precision): the gradients of x, the residual and the affine parameters within 2x
+    torch's own same-dtype error against float64. One layer with 2048 values per channel, so a precision
+    defect in the backward (a cancelling variance, a low-precision sum) shows; the inputs sit off zero
+    (mean 1, std 3), where such a cancellation costs digits.
+
+    The residual keeps every pre-activation at least 0.25 from zero: in half precision, rounding would
+    otherwise flip a few ReLU masks per draw, ours and torch's alike, each moving one gradient element
+    by a whole ``g`` (seen: 7% of fp16 draws failed the rule on a single flip)."""
     x, r, g = torch.randn(8, 16, 16, 16) * 3 + 1, torch.randn(8, 16, 16, 16), torch.randn(8, 16, 16, 16)
     w, b = torch.rand(16) + 0.5, torch.randn(16)
+    running_mean, running_var = torch.randn(16) + 1, torch.rand(16) * 9 + 5
+    stats = (None, None) if training else (running_mean.double(), running_var.double())
+    pre = F.batch_norm(x.double(), *stats, w.double(), b.double(), training) + r.double()
+    r = torch.where(pre.abs() < 0.25, r + 0.5 * torch.sign(pre), r)
 
-    def ours(x, r, w, b):
-        return ops.batch_norm_act(x, w, b, torch.zeros(16), torch.ones(16), training=True, residual=r, relu=True)
+    def ours(x, r, w, b, rm, rv):
+        return ops.batch_norm_act(x, w, b, rm.clone(), rv.clone(), training=training, residual=r, relu=True)
 
-    def torchs(x, r, w, b):
-        return (F.batch_norm(x, None, None, w, b, True) + r).relu()
+    def torchs(x, r, w, b, rm, rv):
+        return (F.batch_norm(x, rm.clone(), rv.clone(), w, b, training) + r).relu()
 
     def gradients(fn, dtype):
         leaves = [t.to(dtype).requires_grad_() for t in (x, r, w, b)]
-        return torch.autograd.grad(fn(*leaves), leaves, g.to(dtype))
+        stats = [t.to(dtype) for t in (running_mean, running_var)]
+        return torch.autograd.grad(fn(*leaves, *stats), leaves, g.to(dtype))
 
     ref = gradients(torchs, torch.float64)
-    for name, got, theirs, want in zip("x residual weight bias".split(), gradients(ours, torch.float32),
-                                       gradients(torchs, torch.float32), ref):
-        assert rel_err(got, want) <= lowp_tolerance(torch.float32, theirs, want), name
+    for name, got, theirs, want in zip("x residual weight bias".split(), gradients(ours, dtype),
+                                       gradients(torchs, dtype), ref):
+        assert got.dtype == dtype, name
+        assert rel_err(got, want) <= lowp_tolerance(dtype, theirs, want), name
 
 
 @pytest.mark.parametrize("momentum", [0.2, None])
