@@ -8,6 +8,7 @@ each model's median and the median of the per-round ratios.
     python3 benchmarks/paired_overhead.py --same-model    # control: torchvision against itself
     python3 benchmarks/paired_overhead.py --theirs-first  # torchvision's model built (allocated) first
     python3 benchmarks/paired_overhead.py --train --rounds 40  # a training step at batch 8, 112 px
+    python3 benchmarks/paired_overhead.py --train --batch 2 --size 32 --threads 1  # its Python overhead
 
 ``--stub-conv`` leaves the Python layers, dispatch and the small ops (BatchNorm, ReLU, add): the
 difference between the two medians is then the Python-side cost alone. ``--same-model`` times two
@@ -16,8 +17,9 @@ model's weights land in memory moves the ratio by 1-2% from one process to the n
 100 MB of weights): run both build orders (``--theirs-first`` builds torchvision's model first).
 
 ``--train`` times a training step instead (train mode, forward and backward of the output's sum, the
-gradients set to None before each step) on an 8x3x112x112 batch with torch's default threads: there the
-time is the arithmetic, BatchNorm's statistics and backward included, rather than the Python layers.
+gradients set to None before each step), by default on an 8x3x112x112 batch with torch's default threads:
+there the time is the arithmetic, BatchNorm's statistics and backward included, rather than the Python
+layers. ``--batch``, ``--size`` and ``--threads`` change the input and the thread count of either measure.
 """
 
 import argparse
@@ -47,25 +49,29 @@ def main() -> None:
     parser.add_argument("--same-model", action="store_true")
     parser.add_argument("--theirs-first", action="store_true")
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--batch", type=int, help="default: 8 with --train, else 1")
+    parser.add_argument("--size", type=int, help="image height and width; default: 112 with --train, else 8")
+    parser.add_argument("--threads", type=int, help="torch's threads; default: torch's own with --train, else 1")
     args = parser.parse_args()
     if args.stub_conv:  # both models call torch.nn.functional.conv2d, through these two names
         F.conv2d = reference.F.conv2d = _stub_conv2d
-    if not args.train:
-        torch.set_num_threads(1)
+    threads = args.threads or (None if args.train else 1)
+    if threads:
+        torch.set_num_threads(threads)
     build_ours = torchvision.models.resnet50 if args.same_model else resnet_fast.resnet50
     if args.theirs_first:
         theirs, ours = torchvision.models.resnet50(), build_ours()
     else:
         ours, theirs = build_ours(), torchvision.models.resnet50()
     ours.load_state_dict(theirs.state_dict())
+    batch, size = args.batch or (8 if args.train else 1), args.size or (112 if args.train else 8)
+    x = torch.randn(batch, 3, size, size)
     if args.train:
-        x = torch.randn(8, 3, 112, 112)
 
         def call(model: torch.nn.Module) -> None:
             model.zero_grad(set_to_none=True)
             model(x).sum().backward()
     else:
-        x = torch.randn(1, 3, 8, 8)
 
         @torch.no_grad()
         def call(model: torch.nn.Module) -> None:
@@ -87,7 +93,8 @@ def main() -> None:
     print(f"{label}: median {statistics.median(times['ours']) * 1e3:.3f} ms; torchvision: median "
           f"{statistics.median(times['theirs']) * 1e3:.3f} ms; median per-round ratio {ratio:.3f} "
           f"({args.rounds} rounds{', convolutions stubbed' if args.stub_conv else ''}"
-          f"{', torchvision built first' if args.theirs_first else ''}{', training step' if args.train else ''})")
+          f"{', torchvision built first' if args.theirs_first else ''}{', training step' if args.train else ''}, "
+          f"{batch}x3x{size}x{size}, {torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":

@@ -403,7 +403,7 @@ def test_cpu_python_overhead(impl, measure, benchmark):
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("flags", [["--stub-conv"], ["--theirs-first"], ["--same-model"], ["--train"]])
+@pytest.mark.parametrize("flags", [["--stub-conv"], ["--theirs-first"], ["--same-model"], ["--train", "--batch", "2", "--size", "32"]])
 def test_paired_overhead_script_runs(flags):
     """``benchmarks/paired_overhead.py``, issue 10's paired measure (and its training-step variant), runs
     and reports two medians and their ratio (three rounds: a check that it works, not a measurement)."""

@@ -1,5 +1,6 @@
 """The functional ops: reference semantics, the torch.library ops (opcheck, autograd, autocast), fold_bn,
 validation errors, and the backend registry."""
+import copy
 import subprocess
 import sys
 import warnings
@@ -535,6 +536,51 @@ def test_a_module_that_enables_autograd_inside_a_forward_gets_the_differentiable
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert len(seen) == 1 and "resnet_fast_conv_bn_act" in seen[0]  # the op's backward, not aten's
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_nodes(out: torch.Tensor) -> set:
+    """The names of every node of out's autograd graph."""
+    names, stack, seen = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_eager_autograd_records_the_ops_backward_without_their_dispatch(train):
+    """With autograd on, plain eager mode records each fused op as a ``torch.autograd.Function`` around its
+    kernel (the op's dispatch costs several times a small BatchNorm's arithmetic) whose backward is the
+    op's own: under a TorchFunctionMode, which makes every call dispatch the op, the graph holds the ops'
+    nodes instead, and the output, every gradient and every running statistic are bitwise the same."""
+    fused = ["resnet_fast_batch_norm_act"] if train else ["resnet_fast_conv_bn_act", "resnet_fast_stem"]
+    model = resnet_fast.resnet18(num_classes=4).double().train(train)
+    dispatched = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = model(x)
+    with _PassThrough():
+        out_dispatched = dispatched(x)
+    nodes, dispatched_nodes = _backward_nodes(out), _backward_nodes(out_dispatched)
+    assert all(f"{name}Backward" in nodes for name in fused), nodes
+    assert not any(node.startswith("GeneratedBackwardFor_resnet_fast") for node in nodes), nodes
+    assert all(f"GeneratedBackwardFor_{name}_defaultBackward" in dispatched_nodes for name in fused), dispatched_nodes
+    target = torch.randn_like(out)
+    for result in (out, out_dispatched):
+        ((result - target) ** 2).sum().backward()
+    assert torch.equal(out, out_dispatched)
+    for (name, a), (_, b) in zip(model.named_parameters(), dispatched.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), (_, b) in zip(model.named_buffers(), dispatched.named_buffers()):
+        assert torch.equal(a, b), name
 
 
 def test_unavailable_reason(fake_backend):

@@ -19,8 +19,9 @@ A kernel that raises at run time (a compile failure, say) is also answered by th
 warning, unless strict. Input validation happens in ``resnet_fast.ops`` before dispatch, so bad input
 raises a clear error and never reaches this fallback.
 
-The registry is called from inside the ``torch.library`` ops (:mod:`resnet_fast.ops.library`), which own
-the backward formulas: implementations compute forward values only and never see autograd.
+The registry is called from inside the ``torch.library`` ops (:mod:`resnet_fast.ops.library`, which in
+plain eager mode calls the kernels directly), which own the backward formulas: implementations compute
+forward values only and never see autograd.
 
 A new backend is one file that calls :func:`register_backend`; models and blocks never change.
 """

@@ -37,13 +37,41 @@ def norm_act(
     ``training`` or without running statistics, updating the running statistics (and the counter, when
     given) while training; the running statistics otherwise."""
     if running_mean is None or running_var is None or training:
-        mean, var = torch.ops.resnet_fast.batch_stats(x)
+        mean, var = _batch_stats(x)
         if training and running_mean is not None and running_var is not None:
-            torch.ops.resnet_fast.update_running_stats(
-                running_mean, running_var, num_batches_tracked, mean, var, momentum, x.numel() // x.shape[1]
-            )
-        return torch.ops.resnet_fast.batch_norm_act(x, weight, bias, mean, var, eps, True, residual, relu)
-    return torch.ops.resnet_fast.batch_norm_act(x, weight, bias, running_mean, running_var, eps, False, residual, relu)
+            _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                                  x.numel() // x.shape[1])
+        return _batch_norm_act(x, weight, bias, mean, var, eps, True, residual, relu)
+    return _batch_norm_act(x, weight, bias, running_mean, running_var, eps, False, residual, relu)
+
+
+# The three ops of norm_act: torch.ops under TorchScript, else library.call (in plain eager mode the kernel
+# without the op's dispatch, which costs several times a small BatchNorm's arithmetic).
+def _batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    if torch.jit.is_scripting():
+        return torch.ops.resnet_fast.batch_stats(x)
+    return library.call("batch_stats", x)
+
+
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
+    momentum: Optional[float], count: int,
+) -> None:
+    if torch.jit.is_scripting():
+        torch.ops.resnet_fast.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                                   momentum, count)
+    else:
+        library.call("update_running_stats", running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                     count)
+
+
+def _batch_norm_act(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, eps: float,
+    training: bool, residual: Optional[Tensor], relu: bool,
+) -> Tensor:
+    if torch.jit.is_scripting():
+        return torch.ops.resnet_fast.batch_norm_act(x, weight, bias, mean, var, eps, training, residual, relu)
+    return library.call("batch_norm_act", x, weight, bias, mean, var, eps, training, residual, relu)
 
 
 def fixed_statistics(
@@ -84,7 +112,7 @@ def conv_norm_act(
                 x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride, padding, dilation,
                 groups, residual, relu,
             )
-        else:  # not compiled by TorchScript: plain eager inference skips the op's dispatch
+        else:  # not compiled by TorchScript: plain eager mode skips the op's dispatch
             return library.call(
                 "conv_bn_act", x, weight, bias, norm_weight, norm_bias, running_mean, running_var, eps, stride,
                 padding, dilation, groups, residual, relu,

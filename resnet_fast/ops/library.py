@@ -26,7 +26,9 @@ Ops (schemas below):
 The sequences the models and the public functions run (training BatchNorm: statistics, update,
 normalisation) are written once, TorchScript-compatibly, in :mod:`resnet_fast.ops.functional`.
 
-Call them through :mod:`resnet_fast.ops`, which validates arguments first; the models call them directly.
+Call them through :mod:`resnet_fast.ops`, which validates arguments first; the models call them directly,
+through :func:`call`: in plain eager mode that is the kernel the op would dispatch to, without the op's
+dispatch, recorded for autograd as a ``torch.autograd.Function`` with the op's own backward.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 from torch.library import custom_op, register_autograd, register_fake
 
 from resnet_fast import backends
-from resnet_fast.ops import layout
+from resnet_fast.ops import layout, reference
 from resnet_fast.ops.layout import activation_format, conv_output_size
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, stem_sizes
 
@@ -47,6 +49,31 @@ __all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act
 
 _REDUCE = (0, 2, 3)
 _CHANNEL = (1, -1, 1, 1)
+
+# op -> the op's backward as a torch.autograd.Function around a kernel given as its last input (see call).
+_EAGER_AUTOGRAD: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _register_autograd(op: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd`` for ``resnet_fast::<op>``, and the same two functions as a
+    ``torch.autograd.Function`` whose forward is the kernel passed after the op's arguments: eager mode
+    records that instead of dispatching the op (:func:`call`), so both run one backward."""
+
+    # A forward taking ctx (rather than a separate setup_context): Function.apply then skips binding its
+    # arguments to the forward's signature, which costs more (inspect.signature) than a small op.
+    def forward(ctx, *args):
+        inputs, kernel = args[:-1], args[-1]
+        output = kernel(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def run_backward(ctx, *grads):
+        grads = backward(ctx, *grads)
+        return (*(grads if isinstance(grads, tuple) else (grads,)), None)
+
+    register_autograd(f"resnet_fast::{op}", backward, setup_context=setup_context)
+    methods = dict(forward=staticmethod(forward), backward=staticmethod(run_backward))
+    _EAGER_AUTOGRAD[op] = type(f"resnet_fast_{op}", (torch.autograd.Function,), methods)
 
 
 # ---------------------------------------------------------------------------------------------- conv_bn_act
@@ -120,7 +147,7 @@ def _conv_bn_act_backward(ctx, grad):
     return tuple(t if t is None else t.to(dtype) for t, dtype in zip(grads, ctx.dtypes))
 
 
-register_autograd("resnet_fast::conv_bn_act", _conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+_register_autograd("conv_bn_act", _conv_bn_act_backward, setup_context=_conv_bn_act_setup)
 
 
 def autocast_conv_inputs(device_type: str, x, weight, bias, residual) -> tuple:
@@ -167,29 +194,46 @@ def _cast_conv_args(device_type: str, args: tuple) -> tuple:
 _register_autocast("conv_bn_act", _cast_conv_args)
 
 
-def _plain_inference(x: torch.Tensor) -> bool:
-    """Nothing traces, compiles, differentiates or intercepts this call (no Python dispatch or function
-    mode: a flop counter or debug mode sees the op itself), and x is a plain tensor (no subclass, no fake)."""
+def _plain_eager(x: torch.Tensor) -> bool:
+    """Nothing traces, compiles, transforms or intercepts this call (no Python dispatch or function mode: a
+    flop counter or debug mode sees the op itself; no ``torch.func`` transform), and x is a plain tensor
+    (no subclass, no fake, not on the meta device, where the op answers with its fake implementation)."""
     return (
         type(x) is torch.Tensor
-        and not torch.is_grad_enabled()
+        and not x.is_meta
         and not torch.compiler.is_compiling()
         and torch._C._get_tracing_state() is None
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._are_functorch_transforms_active()
     )
 
 
 def _bind(op: str, device: torch.device) -> Callable:
     """The kernel ``torch.ops.resnet_fast.<op>`` would dispatch to on ``device`` now: the backend's
     implementation (:func:`resnet_fast.backends.bind`), behind the op's autocast rule when autocast is on."""
+    if op in _LIBRARY_KERNELS:
+        return _LIBRARY_KERNELS[op]
     kernel = backends.bind(op, device)
+    if op in _KERNEL_ARGUMENTS:
+        kernel = _KERNEL_ARGUMENTS[op](kernel)
+    rule = _autocast_rule(op, device)
+    return kernel if rule is None else lambda *args: kernel(*rule(device.type, args))
+
+
+# op -> a wrapper giving its backends' kernel the op's arguments, for the ops whose kernels take others.
+_KERNEL_ARGUMENTS: dict[str, Callable[[Callable], Callable]] = {}
+# op -> its implementation, for the ops implemented here rather than by the backends.
+_LIBRARY_KERNELS: dict[str, Callable] = {}
+
+
+def _autocast_rule(op: str, device: torch.device) -> Callable[[str, tuple], tuple] | None:
+    """The op's autocast rule when autocast is on for ``device`` (None: no rule, or autocast off)."""
     # The rules exist for these device types only; asking them first also spares the cost of
     # torch.amp.is_autocast_available.
-    if device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
-        rule = _AUTOCAST_RULES[op]
-        return lambda *args: kernel(*rule(device.type, args))
-    return kernel
+    if op in _AUTOCAST_RULES and device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
+        return _AUTOCAST_RULES[op]
+    return None
 
 
 class _ForwardKernels(dict):
@@ -210,18 +254,28 @@ _forward_kernels: contextvars.ContextVar[_ForwardKernels | None] = contextvars.C
 
 
 def call(op: str, *args):
-    """``torch.ops.resnet_fast.<op>(*args)``, or in plain eager inference the kernel it would dispatch to,
+    """``torch.ops.resnet_fast.<op>(*args)``, or in plain eager mode the kernel it would dispatch to,
     directly: the op's dispatch (autograd and autocast keys, the Python custom-op wrapper) costs more than
     a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``), same
-    autocast rule. Within :func:`resolve_once`, the kernel is resolved once per op rather than per call.
-    For the ops with an autocast rule (``conv_bn_act``, ``stem``), x first."""
+    autocast rule; with autograd on, the op's own backward, through :func:`_register_autograd`'s
+    ``torch.autograd.Function``. Within :func:`resolve_once`, the kernel is resolved once per op rather
+    than per call. For the ops with an autocast rule (``conv_bn_act``, ``stem``), x first."""
     x = args[0]
-    if not _plain_inference(x):
+    if not _plain_eager(x):
         return getattr(torch.ops.resnet_fast, op)(*args)
     kernels = _forward_kernels.get()
-    if kernels is None:
-        return _bind(op, x.device)(*args)
-    return kernels[op](*args)
+    kernel = _bind(op, x.device) if kernels is None else kernels[op]
+    if not torch.is_grad_enabled():
+        return kernel(*args)
+    function = _EAGER_AUTOGRAD.get(op)
+    if function is None:  # an op without a backward (the statistics update, batch_norm_act_backward)
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return getattr(torch.ops.resnet_fast, op)(*args)  # autograd's error when it is differentiated
+        return kernel(*args)
+    rule = _autocast_rule(op, x.device)
+    if rule is not None:  # cast where autograd records it, as the op's autocast key does before autograd
+        args = rule(x.device.type, args)  # (the kernel's own rule then finds them cast)
+    return function.apply(*args, kernel)
 
 
 def traced(target: Callable, args: tuple, name: str | None) -> torch.fx.Proxy:
@@ -232,12 +286,13 @@ def traced(target: Callable, args: tuple, name: str | None) -> torch.fx.Proxy:
 
 
 def resolve_once(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``forward(x)``, where in plain eager inference every :func:`call` resolves its kernel (backend
-    selection, autocast rule) once for x's device, at its first call, instead of at every call: a model's
-    forward pays for dispatch once rather than per convolution. Whether each call is plain inference is
-    still checked per call, so a hook that enables autograd or a dispatch mode inside the forward is
-    honoured; the backend selection and autocast state are those at the op's first call."""
-    if not _plain_inference(x):
+    """``forward(x)``, where in plain eager mode every :func:`call` resolves its kernel (backend selection,
+    autocast rule) once for x's device, at its first call, instead of at every call: a model's forward
+    pays for dispatch once rather than per convolution. Whether each call is plain eager, and whether
+    autograd records it, is still checked per call, so a hook that enables autograd or a dispatch mode
+    inside the forward is honoured; the backend selection and autocast state are those at the op's first
+    call."""
+    if not _plain_eager(x):
         return forward(x)
     token = _forward_kernels.set(_ForwardKernels(x.device))
     try:
@@ -267,7 +322,7 @@ def _add_relu_backward(ctx, grad):
     return g, g
 
 
-register_autograd("resnet_fast::add_relu", _add_relu_backward, setup_context=_add_relu_setup)
+_register_autograd("add_relu", _add_relu_backward, setup_context=_add_relu_setup)
 
 
 # --------------------------------------------------------------------------------------- batch statistics
@@ -296,7 +351,7 @@ def _batch_stats_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output)
 
 
-register_autograd("resnet_fast::batch_stats", lambda ctx, *grads: None, setup_context=_batch_stats_setup)
+_register_autograd("batch_stats", lambda ctx, *grads: None, setup_context=_batch_stats_setup)
 
 
 @custom_op(
@@ -306,19 +361,11 @@ register_autograd("resnet_fast::batch_stats", lambda ctx, *grads: None, setup_co
     "Tensor var, float? momentum, int count) -> ()",
 )
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
-    """``nn.BatchNorm2d``'s bookkeeping after a training step over ``count`` values per channel with batch
-    ``mean`` and biased ``var``: the counter is incremented; ``momentum=None`` means a cumulative average
-    over the batches seen; the running variance takes the unbiased variance; an empty batch changes no
-    statistic."""
-    factor = 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
-    if count == 0:
-        return
-    running_mean.mul_(1.0 - factor).add_((mean * factor).to(running_mean.dtype))
-    running_var.mul_(1.0 - factor).add_((var * (factor * count / max(count - 1, 1))).to(running_var.dtype))
+    reference.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count)
+
+
+# Bookkeeping, not a kernel: no backend's business (an explicit backend lacks it, and strict mode would refuse).
+_LIBRARY_KERNELS["update_running_stats"] = reference.update_running_stats
 
 
 @update_running_stats.register_fake
@@ -339,6 +386,15 @@ def batch_norm_act(x, weight, bias, mean, var, eps, training, residual, relu):
     return backends.call("batch_norm_act", x, weight, bias, mean, var, eps, residual, relu, device=x.device)
 
 
+def _kernel_without_training(kernel: Callable) -> Callable:
+    """The kernels normalise with the statistics they are given: which ones is the backward's business."""
+    return lambda x, weight, bias, mean, var, eps, training, residual, relu: kernel(x, weight, bias, mean, var, eps,
+                                                                                   residual, relu)
+
+
+_KERNEL_ARGUMENTS["batch_norm_act"] = _kernel_without_training
+
+
 @register_fake("resnet_fast::batch_norm_act")
 def _batch_norm_act_fake(x, weight, bias, mean, var, eps, training, residual, relu):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
@@ -354,8 +410,8 @@ def _batch_norm_act_setup(ctx, inputs, output):
 def _batch_norm_act_backward(ctx, grad):
     x, out, weight, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fast.batch_norm_act_backward(
-        grad, x, out, weight, mean, var, ctx.eps, ctx.training, ctx.relu, need[7]
+    grad_x, grad_w, grad_b, grad_res = call(
+        "batch_norm_act_backward", grad, x, out, weight, mean, var, ctx.eps, ctx.training, ctx.relu, need[7]
     )
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (
@@ -368,7 +424,7 @@ def _batch_norm_act_backward(ctx, grad):
     )
 
 
-register_autograd("resnet_fast::batch_norm_act", _batch_norm_act_backward, setup_context=_batch_norm_act_setup)
+_register_autograd("batch_norm_act", _batch_norm_act_backward, setup_context=_batch_norm_act_setup)
 
 
 @custom_op(
@@ -422,9 +478,9 @@ def _stem_backward(ctx, grad):
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
     x_cast = x.to(weight.dtype)
     _, stride, padding = STEM_CONV
-    conv = ([stride] * 2, [padding] * 2, [1, 1], 1)
-    act = torch.ops.resnet_fast.conv_bn_act(x_cast, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                                            ctx.eps, *conv, None, True)
+    conv = ((stride,) * 2, (padding,) * 2, (1, 1), 1)
+    act = call("conv_bn_act", x_cast, weight, bias, bn_weight, bn_bias, running_mean, running_var, ctx.eps, *conv,
+               None, True)
     pool = [[v] * 2 for v in STEM_POOL]
     _, argmax = torch.ops.aten.max_pool2d_with_indices(act, *pool)
     grad_act = torch.ops.aten.max_pool2d_with_indices_backward(grad, act, *pool, [1, 1], False, argmax)
@@ -437,7 +493,7 @@ def _stem_backward(ctx, grad):
     return *_conv_bn_act_backward(conv_ctx, grad_act)[:7], None
 
 
-register_autograd("resnet_fast::stem", _stem_backward, setup_context=_stem_setup)
+_register_autograd("stem", _stem_backward, setup_context=_stem_setup)
 
 
 def _cast_stem_args(device_type: str, args: tuple) -> tuple:

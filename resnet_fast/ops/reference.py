@@ -92,7 +92,32 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.new_zeros(c, dtype=compute), x.new_ones(c, dtype=compute)
     # torch's own training BatchNorm statistics (on CPU two passes over x, in its layout): 3-16x faster on
     # CPU than var_mean over (0, 2, 3), and the same values torchvision's model normalises with.
-    return torch.batch_norm_update_stats(x.to(compute), None, None, 0.0)
+    return torch.batch_norm_update_stats(x if x.dtype == compute else x.to(compute), None, None, 0.0)
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float | None,
+    count: int,
+) -> None:
+    """``nn.BatchNorm2d``'s bookkeeping after a training step over ``count`` values per channel with batch
+    ``mean`` and biased ``var``, in place: the counter is incremented; ``momentum=None`` means a cumulative
+    average over the batches seen; the running variance takes the unbiased variance; an empty batch changes
+    no statistic."""
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    if count == 0:
+        return
+    # In place in the buffers' dtype, the sums in the statistics' (float32 for a half model's buffers).
+    running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
+    running_var.mul_(1.0 - factor).add_(var, alpha=factor * count / max(count - 1, 1))
 
 
 def batch_norm_act(
@@ -113,7 +138,7 @@ def batch_norm_act(
     """
     # torch's batch norm takes low-precision x with float32 parameters, but parameters and statistics of
     # one dtype: a half model's affine parameters meet float32 batch statistics here.
-    weight, bias = (None if t is None else t.to(mean.dtype) for t in (weight, bias))
+    weight, bias = (t if t is None or t.dtype == mean.dtype else t.to(mean.dtype) for t in (weight, bias))
     out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     if residual is not None:
         out += residual  # out is fresh and no autograd runs here: in place, as torchvision does
