@@ -254,11 +254,25 @@ def test_dilation_matches_torchvision():
         assert expected.shape[-1] == 6  # output stride 8
 
 
-def test_zero_init_residual_matches_torchvision():
-    rf = resnet_fast.resnet50(zero_init_residual=True)
-    tv = resnet_fast.resnet18(zero_init_residual=True)
-    assert all(b.bn3.weight.abs().sum() == 0 for b in rf.modules() if isinstance(b, resnet_fast.Bottleneck))
-    assert all(b.bn2.weight.abs().sum() == 0 for b in tv.modules() if isinstance(b, resnet_fast.BasicBlock))
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("zero_init_residual", [False, True])
+def test_same_seed_builds_torchvisions_initial_weights(arch, zero_init_residual):
+    """Under one seed a factory draws torchvision's initial weights, bit for bit, and leaves the generator
+    where torchvision's leaves it: a seeded training script (or torchvision's own test_models, whose
+    expected outputs come from seeded untrained models) gets the same model and the same data after it."""
+    models, states = [], []
+    for build in (getattr(torchvision.models, arch), getattr(resnet_fast, arch)):
+        torch.manual_seed(0)
+        models.append(build(num_classes=50, zero_init_residual=zero_init_residual))
+        states.append(torch.get_rng_state())
+    expected, got = (m.state_dict() for m in models)
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert torch.equal(states[1], states[0])
+    if zero_init_residual:
+        last_norm = "bn3" if isinstance(models[1].layer1[0], resnet_fast.Bottleneck) else "bn2"
+        assert all(getattr(b, last_norm).weight.abs().sum() == 0 for b in models[1].modules()
+                   if isinstance(b, (resnet_fast.BasicBlock, resnet_fast.Bottleneck)))
 
 
 def test_imagenet_and_cifar_stems():
