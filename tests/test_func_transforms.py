@@ -3,17 +3,19 @@ ensembling, as they run on torchvision's.
 
 torch.library's custom-op autograd does not support these transforms (pytorch/pytorch#168393) and the
 ops have no batching rules, so under a transform the blocks run torchvision's forward (see
-``resnet_fast.models.conv_bn``); outside one they fuse again. float64 against torchvision, so any
-difference is a wrong path, not rounding.
+``resnet_fast.models.conv_bn``); outside one they fuse again. The public ``resnet_fast.ops`` functions
+run their definitions in torch operations there (``resnet_fast.ops.transformable``). float64 against
+torchvision and torch, so any difference is a wrong path, not rounding.
 """
 
 import copy
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
 
-from resnet_fast import backends
+from resnet_fast import backends, ops
 from conftest import rel_err
 from helpers import float64_copy, model_pair
 
@@ -81,3 +83,85 @@ def test_ensemble_of_models_through_stack_module_state():
     with torch.no_grad():
         for i, model in enumerate(models):
             assert rel_err(out[i], model(x)) <= TOL64
+
+
+def _public_op_cases():
+    """(name, ours, torch's): functions of a [N, 4, 9, 9] float64 x, through each public op and through
+    the torch operations it stands for, with fresh tensors of their own."""
+    f64 = dict(dtype=torch.float64)
+    w, b = torch.randn(5, 4, 3, 3, **f64), torch.randn(5, **f64)
+    gamma, beta = torch.rand(5, **f64) + 0.5, torch.randn(5, **f64)
+    mean, var = torch.randn(5, **f64), torch.rand(5, **f64) + 0.5
+    w_stem = torch.randn(5, 4, 7, 7, **f64)
+    g4, b4, m4, v4 = gamma[:4], beta[:4], mean[:4], var[:4]
+    return [
+        ("conv_bias_act", lambda x: ops.conv_bias_act(x, w, b, stride=2, padding=1),
+         lambda x: F.relu(F.conv2d(x, w, b, 2, 1))),
+        ("conv_bn_act", lambda x: ops.conv_bn_act(x, w, b, gamma, beta, mean, var, padding=1, relu=False),
+         lambda x: F.batch_norm(F.conv2d(x, w, b, 1, 1), mean, var, gamma, beta, False)),
+        ("add_relu", lambda x: ops.add_relu(x, x.flip(-1)), lambda x: F.relu(x + x.flip(-1))),
+        ("batch_norm_act eval", lambda x: ops.batch_norm_act(x, g4, b4, m4, v4, training=False, residual=x),
+         lambda x: F.relu(F.batch_norm(x, m4, v4, g4, b4, False) + x)),
+        ("batch_norm_act training", lambda x: ops.batch_norm_act(x, g4, b4, None, None, training=True),
+         lambda x: F.relu(F.batch_norm(x, None, None, g4, b4, True))),
+        ("stem", lambda x: ops.stem(x, w_stem, None, gamma, beta, mean, var),
+         lambda x: F.max_pool2d(F.relu(F.batch_norm(F.conv2d(x, w_stem, None, 2, 3), mean, var, gamma, beta, False)),
+                                3, 2, 1)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_public_op_cases())), ids=[c[0] for c in _public_op_cases()])
+def test_public_ops_under_grad_vmap_and_jvp_match_torch(case):
+    """The public ops under grad, vmap (over a batch of batches: a training BatchNorm's statistics are per
+    sample then), jvp and a second-order grad, against the same transforms of torch's operations; no
+    backend kernel runs (vmap's per-sample fallback would run one per sample; grad used to raise)."""
+    _, ours, theirs = _public_op_cases()[case]
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    batches = torch.randn(3, 2, 4, 9, 9, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+
+    def loss(f):
+        return lambda t: f(t).square().sum()
+
+    def grad_norm(f):  # a function of x whose gradient is second order
+        return lambda t: grad(loss(f))(t).square().sum()
+
+    with backends.record_dispatch() as calls:
+        results = [grad(loss(ours))(x), vmap(ours)(batches), jvp(ours, (x,), (tangent,))[1], grad(grad_norm(ours))(x)]
+    expected = [grad(loss(theirs))(x), vmap(theirs)(batches), jvp(theirs, (x,), (tangent,))[1],
+                grad(grad_norm(theirs))(x)]
+    for got, want, what in zip(results, expected, ["grad", "vmap", "jvp", "second-order grad"]):
+        assert got.shape == want.shape, what
+        assert rel_err(got, want) <= TOL64, what
+    assert not calls
+
+
+def test_public_batch_norm_act_under_vmap_says_how_to_train_without_running_statistics():
+    x = torch.randn(3, 2, 4, 5, 5)
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="running_mean=None and running_var=None"):
+        vmap(lambda t: ops.batch_norm_act(t, None, None, running_mean, running_var, training=True))(x)
+    assert torch.equal(running_mean, torch.zeros(4)) and torch.equal(running_var, torch.ones(4))
+
+
+def test_public_ops_under_autocast_and_vjp_follow_the_ops_autocast_rule():
+    """Under autocast (bfloat16 on CPU) the conv op casts x, the weight, the bias and the residual, reads the
+    BatchNorm tensors in float32 and returns bfloat16 (a float32 residual would promote the sum), under a
+    transform as outside one; the gradients agree."""
+    x, residual = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8, 8)
+    w, gamma, beta = torch.randn(5, 4, 3, 3), torch.rand(5) + 0.5, torch.randn(5)
+    mean, var = torch.randn(5), torch.rand(5) + 0.5
+
+    def f(t):
+        return ops.conv_bn_act(t, w, None, gamma, beta, mean, var, padding=1, residual=residual)
+
+    eager_x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = f(eager_x)
+        out, vjp_fn = torch.func.vjp(f, x)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert rel_err(out.float(), eager.float()) <= 1e-2
+    eager.backward(torch.ones_like(eager))
+    (g,) = vjp_fn(torch.ones_like(out))
+    assert g.dtype == torch.float32
+    assert rel_err(g, eager_x.grad) <= 1e-2

@@ -1,4 +1,6 @@
-"""Functional fused ops: validate, normalise, then call the ``torch.library`` op (``torch.ops.resnet_fast``).
+"""Functional fused ops: validate, normalise, then call the ``torch.library`` op (``torch.ops.resnet_fast``)
+through :func:`resnet_fast.ops.library.call`: in plain eager mode its kernel directly, under a ``torch.func``
+transform its definition in torch operations (:mod:`resnet_fast.ops.transformable`).
 
 Layouts: activations are ``[N, C, H, W]`` tensors, NCHW-contiguous or channels_last (NHWC in memory);
 every op accepts both. Convolutions (the stem included) return channels_last when x or the weight is
@@ -27,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from resnet_fast.ops import library  # noqa: F401  (registers torch.ops.resnet_fast.*)
+from resnet_fast.ops import library
 from resnet_fast.ops.functional import norm_act
 from resnet_fast.ops.layout import conv_output_size
 from resnet_fast.ops.reference import STEM_CONV, bn_scale_shift
@@ -186,8 +188,9 @@ def conv_bias_act(
         ``[N, C_out, H_out, W_out]`` in x's dtype; channels_last if x or the weight is.
     """
     stride, padding, dilation = _check_conv(x, weight, bias, stride, padding, dilation, groups, residual)
-    return torch.ops.resnet_fast.conv_bn_act(
-        x, weight, bias, None, None, None, None, 0.0, stride, padding, dilation, groups, residual, bool(relu)
+    return library.call(
+        "conv_bn_act", x, weight, bias, None, None, None, None, 0.0, stride, padding, dilation, groups, residual,
+        bool(relu),
     )
 
 
@@ -232,9 +235,9 @@ def conv_bn_act(
         if t is None:
             raise ValueError(f"{name} must be a tensor of shape ({c_out},), got None")
         _check_like(t, x, name, (c_out,), dtype=False)
-    return torch.ops.resnet_fast.conv_bn_act(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), stride, padding, dilation,
-        groups, residual, bool(relu),
+    return library.call(
+        "conv_bn_act", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), stride, padding,
+        dilation, groups, residual, bool(relu),
     )
 
 
@@ -246,7 +249,7 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     _check_like(y, x, "y", x.shape)
-    return torch.ops.resnet_fast.add_relu(x, y)
+    return library.call("add_relu", x, y)
 
 
 def batch_norm_act(
@@ -344,4 +347,4 @@ def stem(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if running_var is None and (bn_weight is not None or bn_bias is not None):
         raise ValueError("bn_weight and bn_bias need running_mean and running_var (a BatchNorm to apply)")
-    return torch.ops.resnet_fast.stem(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps))
+    return library.call("stem", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps))

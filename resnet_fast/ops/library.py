@@ -26,9 +26,10 @@ Ops (schemas below):
 The sequences the models and the public functions run (training BatchNorm: statistics, update,
 normalisation) are written once, TorchScript-compatibly, in :mod:`resnet_fast.ops.functional`.
 
-Call them through :mod:`resnet_fast.ops`, which validates arguments first; the models call them directly,
+Call them through :mod:`resnet_fast.ops`, which validates arguments first; it and the models call them
 through :func:`call`: in plain eager mode that is the kernel the op would dispatch to, without the op's
-dispatch, recorded for autograd as a ``torch.autograd.Function`` with the op's own backward.
+dispatch, recorded for autograd as a ``torch.autograd.Function`` with the op's own backward; under a
+``torch.func`` transform, the op's definition in torch operations (:mod:`resnet_fast.ops.transformable`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 from torch.library import custom_op, register_autograd, register_fake
 
 from resnet_fast import backends
-from resnet_fast.ops import layout, reference
+from resnet_fast.ops import layout, reference, transformable
 from resnet_fast.ops.layout import activation_format, conv_output_size
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, stem_sizes
 
@@ -259,9 +260,13 @@ def call(op: str, *args):
     a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``), same
     autocast rule; with autograd on, the op's own backward, through :func:`_register_autograd`'s
     ``torch.autograd.Function``. Within :func:`resolve_once`, the kernel is resolved once per op rather
-    than per call. For the ops with an autocast rule (``conv_bn_act``, ``stem``), x first."""
+    than per call. Under a ``torch.func`` transform, which the ops' autograd does not support, the op's
+    definition in torch operations (:mod:`~resnet_fast.ops.transformable`). For the ops with an autocast
+    rule (``conv_bn_act``, ``stem``), x first."""
     x = args[0]
     if not _plain_eager(x):
+        if op in transformable.OPS and torch._C._are_functorch_transforms_active():
+            return _transformed(op, args)
         return getattr(torch.ops.resnet_fast, op)(*args)
     kernels = _forward_kernels.get()
     kernel = _bind(op, x.device) if kernels is None else kernels[op]
@@ -276,6 +281,17 @@ def call(op: str, *args):
     if rule is not None:  # cast where autograd records it, as the op's autocast key does before autograd
         args = rule(x.device.type, args)  # (the kernel's own rule then finds them cast)
     return function.apply(*args, kernel)
+
+
+def _transformed(op: str, args: tuple):
+    """The op's :mod:`~resnet_fast.ops.transformable` definition, behind its autocast rule (autocast off
+    within, as for the op's kernel)."""
+    device = args[0].device
+    rule = _autocast_rule(op, device)
+    if rule is None:
+        return transformable.OPS[op](*args)
+    with torch.autocast(device.type, enabled=False):
+        return transformable.OPS[op](*rule(device.type, args))
 
 
 def traced(target: Callable, args: tuple, name: str | None) -> torch.fx.Proxy:

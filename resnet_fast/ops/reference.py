@@ -78,18 +78,26 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.relu_()
 
 
+def values_per_channel(x: torch.Tensor) -> int:
+    """The number of values per channel of a training BatchNorm's input ``[N, C, H, W]``.
+
+    Raises ValueError for one, as ``F.batch_norm`` does in training.
+    """
+    n = x.numel() // max(x.shape[1], 1)
+    if n == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    return n
+
+
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance of x, float32 ``[C]`` (float64 for float64 x), as
     ``F.batch_norm`` computes them in training; zeros and ones for an empty batch (which updates nothing).
 
-    Raises ValueError for one value per channel, as ``F.batch_norm`` does in training.
+    Raises ValueError for one value per channel (:func:`values_per_channel`).
     """
-    c, n = x.shape[1], x.numel() // max(x.shape[1], 1)
-    if n == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     compute = torch.promote_types(x.dtype, torch.float32)
-    if n == 0:
-        return x.new_zeros(c, dtype=compute), x.new_ones(c, dtype=compute)
+    if values_per_channel(x) == 0:
+        return x.new_zeros(x.shape[1], dtype=compute), x.new_ones(x.shape[1], dtype=compute)
     # torch's own training BatchNorm statistics (on CPU two passes over x, in its layout): 3-16x faster on
     # CPU than var_mean over (0, 2, 3), and the same values torchvision's model normalises with.
     return torch.batch_norm_update_stats(x if x.dtype == compute else x.to(compute), None, None, 0.0)
