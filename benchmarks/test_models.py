@@ -403,6 +403,37 @@ def test_cpu_python_overhead(impl, measure, benchmark):
 
 
 @pytest.mark.cpu
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("impl", ["rf-torch", "eager"])
+def test_cpu_op_overhead(impl, grad, measure, benchmark):
+    """The Python cost of one public fused op (issue 10's per-op measure): ``ops.conv_bias_act`` against
+    ``F.relu(F.conv2d(...))`` for a 1x1 convolution on a 1x64x2x2 map, one CPU thread, reference
+    backend; with autograd recording (x requires grad) or without."""
+    import torch.nn.functional as F
+
+    import resnet_fast
+    from resnet_fast import ops
+
+    info = benchmark.extra_info
+    info.update(kind="op", op="conv_bias_act 1x1 64->64 @2x2", mode="train" if grad else "eval", batch=1,
+                dtype="fp32", impl=impl, device="cpu", memory_format="contiguous", threads=1)
+    benchmark.group = f"conv_bias_act 1x1 64->64 @2x2 fp32 {'grad' if grad else 'no_grad'} (CPU, one thread)"
+    x = torch.randn(1, 64, 2, 2, requires_grad=grad)
+    weight, bias = torch.randn(64, 64, 1, 1), torch.randn(64)
+
+    def run():
+        return ops.conv_bias_act(x, weight, bias) if impl == "rf-torch" else F.relu(F.conv2d(x, weight, bias))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with resnet_fast.backend("torch", strict=True), torch.set_grad_enabled(grad):
+            measure(run, device=torch.device("cpu"), work=bu.Work(images=1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.cpu
 @pytest.mark.parametrize("flags", [["--stub-conv"], ["--theirs-first"], ["--same-model"], ["--train", "--batch", "2", "--size", "32"]])
 def test_paired_overhead_script_runs(flags):
     """``benchmarks/paired_overhead.py``, issue 10's paired measure (and its training-step variant), runs
