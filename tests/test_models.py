@@ -64,6 +64,28 @@ def test_train_step_in_float64_is_torchvisions(arch):
         assert rel_err(b.double(), a.double()) <= 1e-9, name
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_gradient_penalty_is_torchvisions(arch, mode):
+    """Double backprop, as a gradient penalty (WGAN-GP, R1) takes it: the input gradient with
+    create_graph=True, then the backward of its squared norm into every parameter; float64 against
+    torchvision. In train mode this differentiates the BatchNorm backward itself (it raised: the op's
+    backward had no backward)."""
+    tv, rf = (getattr(m.double(), mode)() for m in model_pair(arch, num_classes=5))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for model in (tv, rf):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        g.square().sum().backward()
+        results.append((g.detach(), {k: p.grad for k, p in model.named_parameters()}))
+    (g_tv, grads_tv), (g_rf, grads_rf) = results
+    assert rel_err(g_rf, g_tv) <= 1e-9
+    assert grads_rf.keys() == grads_tv.keys()
+    for name, expected in grads_tv.items():
+        assert rel_err(grads_rf[name], expected) <= 1e-9, name
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_is_torchvisions(reentrant):
     """Every block under torch.utils.checkpoint (recomputed in the backward), float64: the gradients, and
@@ -419,7 +441,12 @@ def test_torch_compile_fullgraph_eval_and_train():
     m.train()
     eager = copy.deepcopy(m)
     eager(x).square().sum().backward()
-    torch.compile(m, fullgraph=True)(x).square().sum().backward()
+    out = torch.compile(m, fullgraph=True)(x)
+    with resnet_fast.backends.record_dispatch() as calls:
+        out.square().sum().backward()
+    # The compiled backward runs the BatchNorm backward op, and so the chosen backend's kernel (its
+    # create_graph path, torch's own backward, must not be what the compiled graph recorded).
+    assert calls[("batch_norm_act_backward", "torch")] == sum(isinstance(n, nn.BatchNorm2d) for n in m.modules())
     for (name, a), (_, b) in zip(eager.named_parameters(), m.named_parameters()):
         assert rel_err(b.grad, a.grad) <= 1e-4, name
     assert torch.allclose(eager.bn1.running_mean, m.bn1.running_mean, atol=1e-6)

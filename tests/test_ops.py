@@ -175,6 +175,32 @@ def test_conv_bn_act_gradients_reach_every_input():
     assert torch.autograd.gradcheck(f, args)
 
 
+def _second_order_cases():
+    """(name, function, float64 inputs) for each op with a backward, as a gradient penalty meets them."""
+    d = torch.float64
+    x, r = torch.randn(2, 4, 6, 5, dtype=d), torch.randn(2, 4, 6, 5, dtype=d)
+    gamma, beta, mean, var = _bn_tensors(4, d)
+    return [
+        ("conv_bn_act", lambda x, w, b, g, bt, m, v, r: ops.conv_bn_act(x, w, b, g, bt, m, v, padding=1, residual=r),
+         [x, torch.randn(4, 4, 3, 3, dtype=d), torch.randn(4, dtype=d), gamma, beta, mean, var, r]),
+        ("add_relu", ops.add_relu, [x, r]),
+        ("batch_norm_act training", lambda x, g, b, r: ops.batch_norm_act(x, g, b, None, None, training=True,
+                                                                           residual=r), [x, gamma, beta, r]),
+        ("batch_norm_act eval", lambda x, g, b, r: ops.batch_norm_act(x, g, b, mean, var, training=False, residual=r),
+         [x, gamma, beta, r]),
+        ("stem", lambda x, w, b, g, bt: ops.stem(x, w, b, g, bt, mean, var),
+         [torch.randn(1, 3, 9, 8, dtype=d), torch.randn(4, 3, 7, 7, dtype=d), torch.randn(4, dtype=d), gamma, beta]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_second_order_cases())), ids=[c[0] for c in _second_order_cases()])
+def test_second_derivatives_of_every_op(case):
+    """gradgradcheck in float64: the ops' gradients are themselves differentiable (create_graph=True, as
+    a gradient penalty or double backprop takes them), and correctly so."""
+    _, f, inputs = _second_order_cases()[case]
+    assert torch.autograd.gradgradcheck(f, [t.clone().requires_grad_() for t in inputs])
+
+
 def _eval_batch_norm(x, mean, var, gamma, beta, eps):
     """Eval-mode batch norm written out, so that autograd reaches the statistics (F.batch_norm's do not)."""
     out = (x - mean.view(-1, 1, 1)) * torch.rsqrt(var.view(-1, 1, 1) + eps)

@@ -426,9 +426,13 @@ def _batch_norm_act_setup(ctx, inputs, output):
 def _batch_norm_act_backward(ctx, grad):
     x, out, weight, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grad_x, grad_w, grad_b, grad_res = call(
-        "batch_norm_act_backward", grad, x, out, weight, mean, var, ctx.eps, ctx.training, ctx.relu, need[7]
-    )
+    args = (grad, x, out, weight, mean, var, ctx.eps, ctx.training, ctx.relu, need[7])
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, double backprop): these gradients are differentiated in
+        # turn, which torch's batch-norm backward supports and the op does not.
+        grad_x, grad_w, grad_b, grad_res = reference.batch_norm_act_backward(*args)
+    else:
+        grad_x, grad_w, grad_b, grad_res = call("batch_norm_act_backward", *args)
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (
         grad_x if need[0] else None,
