@@ -1,9 +1,10 @@
 """``torch.func`` transforms on the models: ``vmap``, ``grad``, ``jacrev``, per-sample gradients and model
-ensembling, as they run on torchvision's.
+ensembling, and forward-mode AD (``torch.autograd.forward_ad``), as they run on torchvision's.
 
 torch.library's custom-op autograd does not support these transforms (pytorch/pytorch#168393) and the
 ops have no batching rules, so under a transform the blocks run torchvision's forward (see
-``resnet_fast.models.conv_bn``); outside one they fuse again. The public ``resnet_fast.ops`` functions
+``resnet_fast.models.conv_bn``); outside one they fuse again. The same for forward-mode AD (dual
+tensors), for which the ops define no derivative. The public ``resnet_fast.ops`` functions
 run their definitions in torch operations there (``resnet_fast.ops.transformable``). float64 against
 torchvision and torch, so any difference is a wrong path, not rounding.
 """
@@ -13,6 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
 
 from resnet_fast import backends, ops
@@ -85,6 +87,31 @@ def test_ensemble_of_models_through_stack_module_state():
             assert rel_err(out[i], model(x)) <= TOL64
 
 
+def _forward_derivative(f, x, tangent):
+    """(f(x), its directional derivative along tangent) by forward-mode AD through dual tensors."""
+    with forward_ad.dual_level():
+        primal, derivative = forward_ad.unpack_dual(f(forward_ad.make_dual(x, tangent)))
+        return primal.detach().clone(), derivative.clone()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_forward_mode_ad_matches_torchvision(mode):
+    tv, rf = (getattr(m, mode)() for m in _eval_pair("resnet50"))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    with backends.record_dispatch() as calls:
+        out, derivative = _forward_derivative(rf, x, tangent)
+    expected_out, expected = _forward_derivative(tv, x, tangent)
+    assert rel_err(out, expected_out) <= TOL64 and rel_err(derivative, expected) <= TOL64
+    assert not calls  # the ops' autograd.Function has no forward-mode derivative: it raised
+    if mode == "train":
+        for a, b in zip(rf.buffers(), tv.buffers()):  # both took the same running-statistics step
+            assert rel_err(a, b) <= TOL64
+    with backends.record_dispatch() as calls, torch.no_grad():
+        rf(x)
+    assert calls[("batch_stats" if mode == "train" else "conv_bn_act", "torch")] > 0  # fused again
+
+
 def _public_op_cases():
     """(name, ours, torch's): functions of a [N, 4, 9, 9] float64 x, through each public op and through
     the torch operations it stands for, with fresh tensors of their own."""
@@ -133,6 +160,18 @@ def test_public_ops_under_grad_vmap_and_jvp_match_torch(case):
     for got, want, what in zip(results, expected, ["grad", "vmap", "jvp", "second-order grad"]):
         assert got.shape == want.shape, what
         assert rel_err(got, want) <= TOL64, what
+    assert not calls
+
+
+@pytest.mark.parametrize("case", range(len(_public_op_cases())), ids=[c[0] for c in _public_op_cases()])
+def test_public_ops_under_forward_mode_ad_match_torch(case):
+    _, ours, theirs = _public_op_cases()[case]
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    with backends.record_dispatch() as calls:
+        out, derivative = _forward_derivative(ours, x, tangent)
+    expected_out, expected = _forward_derivative(theirs, x, tangent)
+    assert rel_err(out, expected_out) <= TOL64 and rel_err(derivative, expected) <= TOL64
     assert not calls
 
 

@@ -5,7 +5,8 @@ those calls would have done nothing else: the modules' forwards are the ones the
 hook would see the calls (a forward or backward hook on the module, e.g. ``torch.nn.utils.prune``'s, which
 recomputes ``weight`` before every call, or a global module hook), and no ``torch.func`` transform is
 running (``grad``, ``vmap``, ``jacrev``: torch.library's custom-op autograd does not support them,
-pytorch/pytorch#168393, and the ops have no batching rules) and no ONNX export (the ops have no ONNX
+pytorch/pytorch#168393, and the ops have no batching rules), no forward-mode AD (dual tensors: the ops
+define no forward-mode derivative) and no ONNX export (the ops have no ONNX
 translation; ONNX runtimes fuse conv + BatchNorm themselves). Blocks call ``conv_norm_act`` when
 :func:`fusable` accepts their modules and call the modules otherwise (GroupNorm, SyncBatchNorm, a subclass
 with its own forward, a conv with a non-zero padding mode, an activation other than ``nn.ReLU``, a hooked
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from resnet_fast.ops import library
 
 __all__ = ["check_scriptable", "fusable", "hooked"]
 
@@ -64,10 +67,10 @@ def _ops_unsupported() -> bool:
     """Whether the forward runs where the fused ops cannot: in ``torch.onnx.export``, which traces the
     model with torch.export or the TorchScript tracer (asked only then: the question costs 1.5 µs), or
     under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...; torch.compile traces the models'
-    forwards without one)."""
+    forwards without one) or forward-mode AD (:func:`resnet_fast.ops.library.autograd_unsupported`)."""
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return torch.onnx.is_in_onnx_export()
-    return torch._C._are_functorch_transforms_active()
+    return library.autograd_unsupported()
 
 
 def fusable(pairs: list[tuple[nn.Module, nn.Module]], relu: Optional[nn.Module] = None) -> bool:

@@ -29,7 +29,8 @@ normalisation) are written once, TorchScript-compatibly, in :mod:`resnet_fast.op
 Call them through :mod:`resnet_fast.ops`, which validates arguments first; it and the models call them
 through :func:`call`: in plain eager mode that is the kernel the op would dispatch to, without the op's
 dispatch, recorded for autograd as a ``torch.autograd.Function`` with the op's own backward; under a
-``torch.func`` transform, the op's definition in torch operations (:mod:`resnet_fast.ops.transformable`).
+``torch.func`` transform or forward-mode AD, the op's definition in torch operations
+(:mod:`resnet_fast.ops.transformable`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 from torch.library import custom_op, register_autograd, register_fake
 
 from resnet_fast import backends
@@ -195,10 +197,18 @@ def _cast_conv_args(device_type: str, args: tuple) -> tuple:
 _register_autocast("conv_bn_act", _cast_conv_args)
 
 
+def autograd_unsupported() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp`` ...) or a forward-mode AD level
+    (``torch.autograd.forward_ad.dual_level``) is active: the ops' autograd supports neither (torch.library's
+    custom-op autograd does not, pytorch/pytorch#168393, and defines no forward-mode derivative)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
 def _plain_eager(x: torch.Tensor) -> bool:
     """Nothing traces, compiles, transforms or intercepts this call (no Python dispatch or function mode: a
-    flop counter or debug mode sees the op itself; no ``torch.func`` transform), and x is a plain tensor
-    (no subclass, no fake, not on the meta device, where the op answers with its fake implementation)."""
+    flop counter or debug mode sees the op itself; no ``torch.func`` transform or forward-mode AD), and x
+    is a plain tensor (no subclass, no fake, not on the meta device, where the op answers with its fake
+    implementation)."""
     return (
         type(x) is torch.Tensor
         and not x.is_meta
@@ -206,7 +216,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
         and torch._C._get_tracing_state() is None
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
-        and not torch._C._are_functorch_transforms_active()
+        and not autograd_unsupported()
     )
 
 
@@ -260,12 +270,13 @@ def call(op: str, *args):
     a small convolution's arithmetic. Same kernel, same registry (strict mode, ``record_dispatch``), same
     autocast rule; with autograd on, the op's own backward, through :func:`_register_autograd`'s
     ``torch.autograd.Function``. Within :func:`resolve_once`, the kernel is resolved once per op rather
-    than per call. Under a ``torch.func`` transform, which the ops' autograd does not support, the op's
-    definition in torch operations (:mod:`~resnet_fast.ops.transformable`). For the ops with an autocast
+    than per call. Under a ``torch.func`` transform or forward-mode AD, which the ops' autograd does not
+    support (:func:`autograd_unsupported`), the op's definition in torch operations
+    (:mod:`~resnet_fast.ops.transformable`). For the ops with an autocast
     rule (``conv_bn_act``, ``stem``), x first."""
     x = args[0]
     if not _plain_eager(x):
-        if op in transformable.OPS and torch._C._are_functorch_transforms_active():
+        if op in transformable.OPS and autograd_unsupported():
             return _transformed(op, args)
         return getattr(torch.ops.resnet_fast, op)(*args)
     kernels = _forward_kernels.get()
