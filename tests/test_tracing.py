@@ -151,3 +151,34 @@ def test_export_with_dynamic_batch_and_image_size():
         x = torch.randn(n, 3, s, s)
         with torch.no_grad():
             assert rel_err(exported.module()(x), rf(x)) <= 1e-6
+
+
+def test_saved_scripted_and_exported_models_load_in_a_fresh_process(tmp_path):
+    """A saved TorchScript model and a saved exported program hold the fused ops: a fresh process that
+    imports resnet_fast loads and runs them and gets this process's output (README, "TorchScript")."""
+    import subprocess
+    import sys
+
+    model = randomize_batch_norm(resnet_fast.resnet18(num_classes=5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "exported.pt2")
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    check = (
+        "import sys, torch, resnet_fast\n"
+        "d = torch.load(sys.argv[1] + '/io.pt')\n"
+        "scripted = torch.jit.load(sys.argv[1] + '/scripted.pt')\n"
+        "exported = torch.export.load(sys.argv[1] + '/exported.pt2').module()\n"
+        "assert 'resnet_fast::conv_bn_act' in str(scripted.inlined_graph)\n"
+        "with torch.no_grad():\n"
+        "    for out in (scripted(d['x']), exported(d['x'])):\n"
+        "        err = ((out - d['expected']).norm() / d['expected'].norm()).item()\n"
+        "        assert err <= 1e-6, err\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
