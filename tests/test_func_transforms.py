@@ -94,16 +94,22 @@ def _forward_derivative(f, x, tangent):
         return primal.detach().clone(), derivative.clone()
 
 
+def _assert_forward_derivatives_match(ours, theirs, x):
+    """ours and theirs give the same value and forward derivative at x (float64), and ours runs no backend
+    kernel (the ops' autograd.Function has no forward-mode derivative: it raised)."""
+    tangent = torch.randn_like(x)
+    with backends.record_dispatch() as calls:
+        out, derivative = _forward_derivative(ours, x, tangent)
+    expected_out, expected = _forward_derivative(theirs, x, tangent)
+    assert rel_err(out, expected_out) <= TOL64 and rel_err(derivative, expected) <= TOL64
+    assert not calls
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_forward_mode_ad_matches_torchvision(mode):
     tv, rf = (getattr(m, mode)() for m in _eval_pair("resnet50"))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    tangent = torch.randn_like(x)
-    with backends.record_dispatch() as calls:
-        out, derivative = _forward_derivative(rf, x, tangent)
-    expected_out, expected = _forward_derivative(tv, x, tangent)
-    assert rel_err(out, expected_out) <= TOL64 and rel_err(derivative, expected) <= TOL64
-    assert not calls  # the ops' autograd.Function has no forward-mode derivative: it raised
+    _assert_forward_derivatives_match(rf, tv, x)
     if mode == "train":
         for a, b in zip(rf.buffers(), tv.buffers()):  # both took the same running-statistics step
             assert rel_err(a, b) <= TOL64
@@ -166,13 +172,7 @@ def test_public_ops_under_grad_vmap_and_jvp_match_torch(case):
 @pytest.mark.parametrize("case", range(len(_public_op_cases())), ids=[c[0] for c in _public_op_cases()])
 def test_public_ops_under_forward_mode_ad_match_torch(case):
     _, ours, theirs = _public_op_cases()[case]
-    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
-    tangent = torch.randn_like(x)
-    with backends.record_dispatch() as calls:
-        out, derivative = _forward_derivative(ours, x, tangent)
-    expected_out, expected = _forward_derivative(theirs, x, tangent)
-    assert rel_err(out, expected_out) <= TOL64 and rel_err(derivative, expected) <= TOL64
-    assert not calls
+    _assert_forward_derivatives_match(ours, theirs, torch.randn(2, 4, 9, 9, dtype=torch.float64))
 
 
 def test_public_batch_norm_act_under_vmap_says_how_to_train_without_running_statistics():

@@ -272,8 +272,8 @@ def call(op: str, *args):
     ``torch.autograd.Function``. Within :func:`resolve_once`, the kernel is resolved once per op rather
     than per call. Under a ``torch.func`` transform or forward-mode AD, which the ops' autograd does not
     support (:func:`autograd_unsupported`), the op's definition in torch operations
-    (:mod:`~resnet_fast.ops.transformable`). For the ops with an autocast
-    rule (``conv_bn_act``, ``stem``), x first."""
+    (:mod:`~resnet_fast.ops.transformable`). For the ops with an autocast rule (``conv_bn_act``,
+    ``stem``), x first."""
     x = args[0]
     if not _plain_eager(x):
         if op in transformable.OPS and autograd_unsupported():
