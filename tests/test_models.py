@@ -179,6 +179,14 @@ def test_half_precision_on_cpu(dtype):
         assert rel_err(rf(x.to(dtype)), ref) <= lowp_tolerance(dtype, tv(x.to(dtype)), ref)
 
 
+def _assert_mean_errors_within_twice_torchvisions(errors: list[list[float]], names: tuple[str, ...]) -> None:
+    """errors: per draw, (ours, torchvision's) error against float64 for each quantity in names, in turn;
+    each of our mean errors over the draws at most twice torchvision's."""
+    means = [statistics.fmean(column) for column in zip(*errors)]
+    for what, ours, theirs in zip(names, means[0::2], means[1::2]):
+        assert ours <= 2 * theirs, f"{what}: (ours, torchvision's) errors per draw: {errors}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_model_trains_on_cpu(dtype):
     """A model cast to half precision (``model.to(dtype)``, no autocast) takes a training step as
@@ -201,9 +209,7 @@ def test_half_model_trains_on_cpu(dtype):
                  for m in (rf, tv, tv64)]
         assert all(p.grad.dtype == dtype for p in rf.parameters())
         errors.append([rel_err(values[i], values[2]) for values in (outs, grads, stats) for i in (0, 1)])
-    means = [statistics.fmean(column) for column in zip(*errors)]
-    for what, ours, theirs in zip(("output", "gradient", "running statistics"), means[0::2], means[1::2]):
-        assert ours <= 2 * theirs, f"{what}: (ours, torchvision's) errors per draw: {errors}"
+    _assert_mean_errors_within_twice_torchvisions(errors, ("output", "gradient", "running statistics"))
 
 
 @pytest.mark.parametrize("norm", ["BatchNorm2d", "FrozenBatchNorm2d"])
@@ -230,9 +236,7 @@ def test_autocast_training_step_on_cpu(norm):
             ((out.double() - target) ** 2).mean().backward()
         grads = [torch.cat([p.grad.double().flatten() for p in m.parameters()]) for m in (rf, tv, tv64)]
         errors.append([rel_err(values[i], values[2]) for values in (outs, grads) for i in (0, 1)])
-    means = [statistics.fmean(column) for column in zip(*errors)]
-    for what, ours, theirs in zip(("output", "gradient"), means[0::2], means[1::2]):
-        assert ours <= 2 * theirs, f"{what}: (ours, torchvision's) errors per draw: {errors}"
+    _assert_mean_errors_within_twice_torchvisions(errors, ("output", "gradient"))
 
 
 def test_autocast_inference_on_cpu():

@@ -46,7 +46,7 @@ from torch.library import custom_op, register_autograd, register_fake
 from resnet_fast import backends
 from resnet_fast.ops import layout, reference, transformable
 from resnet_fast.ops.layout import activation_format, conv_output_size
-from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, stem_sizes
+from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, statistics_dtype, stem_sizes
 
 __all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "stem"]
 
@@ -120,7 +120,7 @@ def _conv_bn_act_backward(ctx, grad):
     x, weight, bias, bn_weight, running_mean, running_var, out = ctx.saved_tensors
     need = ctx.needs_input_grad
     stride, padding, dilation, groups = ctx.conv
-    acc = _statistics_dtype(x)
+    acc = statistics_dtype(x)
     g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
     grads: list[torch.Tensor | None] = [None] * len(need)
     grads[12] = g if need[12] else None
@@ -362,14 +362,9 @@ def batch_stats(x):
     return backends.call("batch_stats", x, device=x.device)
 
 
-def _statistics_dtype(x: torch.Tensor) -> torch.dtype:
-    """Per-channel statistics and their gradients: float32, float64 for float64 activations."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 @register_fake("resnet_fast::batch_stats")
 def _batch_stats_fake(x):
-    stats = x.new_empty((x.shape[1],), dtype=_statistics_dtype(x))
+    stats = x.new_empty((x.shape[1],), dtype=statistics_dtype(x))
     return stats, stats.clone()
 
 
@@ -473,7 +468,7 @@ def batch_norm_act_backward(grad_out, x, out, weight, mean, var, eps, training, 
 
 @register_fake("resnet_fast::batch_norm_act_backward")
 def _batch_norm_act_backward_fake(grad_out, x, out, weight, mean, var, eps, training, relu, residual_grad):
-    channel = x.new_empty((x.shape[1],), dtype=_statistics_dtype(x))
+    channel = x.new_empty((x.shape[1],), dtype=statistics_dtype(x))
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=activation_format(x))
     grad_res = torch.empty_like(grad_out) if residual_grad else x.new_empty((0,))
     return grad_x, channel, channel.clone(), grad_res

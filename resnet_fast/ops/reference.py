@@ -78,6 +78,12 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.relu_()
 
 
+def statistics_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of per-channel statistics and their gradients for activations x: float32, float64 for
+    float64 x."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def values_per_channel(x: torch.Tensor) -> int:
     """The number of values per channel of a training BatchNorm's input ``[N, C, H, W]``.
 
@@ -95,7 +101,7 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Raises ValueError for one value per channel (:func:`values_per_channel`).
     """
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = statistics_dtype(x)
     if values_per_channel(x) == 0:
         return x.new_zeros(x.shape[1], dtype=compute), x.new_ones(x.shape[1], dtype=compute)
     # torch's own training BatchNorm statistics (on CPU two passes over x, in its layout): 3-16x faster on
@@ -188,7 +194,7 @@ def batch_norm_act_backward(
     g = g.contiguous(memory_format=fmt)
     # A fresh tensor: op outputs may not alias inputs (without the ReLU, g may be grad_out itself).
     grad_residual = (g if g is not grad_out else g.clone()) if residual_grad else x.new_empty((0,))
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = statistics_dtype(x)
     # Parameters in the statistics' dtype, as the forward takes them: a half model's weight meets float32
     # statistics here, which torch's kernel refuses.
     weight = None if weight is None else weight.to(compute)

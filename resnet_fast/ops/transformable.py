@@ -41,7 +41,7 @@ def add_relu(x, y):
 
 
 def batch_stats(x):
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = reference.statistics_dtype(x)
     if reference.values_per_channel(x) == 0:
         return reference.batch_stats(x)
     var, mean = torch.var_mean(x.to(compute), dim=_REDUCE, correction=0)
@@ -49,7 +49,8 @@ def batch_stats(x):
 
 
 def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, momentum, count):
-    # Under grad, torch.func refuses in-place updates of captured buffers, as for nn.BatchNorm2d's.
+    # vmap cannot write the batched statistics into unbatched buffers: say what to do instead. (Under grad,
+    # torch.func refuses in-place updates of captured buffers itself, as for nn.BatchNorm2d's.)
     if torch._C._functorch.is_batchedtensor(mean) and not torch._C._functorch.is_batchedtensor(running_mean):
         raise RuntimeError(
             "batch_norm_act: under vmap the batch statistics are batched but running_mean and running_var, "
@@ -62,8 +63,8 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
 
 def batch_norm_act(x, weight, bias, mean, var, eps, training, residual, relu):
     # Written out rather than F.batch_norm, which does not differentiate with respect to its statistics
-    # (here x's own when training); in float32 for half x, as torch's kernel computes.
-    compute = torch.promote_types(x.dtype, torch.float32)
+    # (here x's own when training); in the statistics' dtype, as torch's kernel computes.
+    compute = reference.statistics_dtype(x)
     mean, var = mean.to(compute), var.to(compute)
     out = (x.to(compute) - mean.view(_CHANNEL)) * torch.rsqrt(var + eps).view(_CHANNEL)
     if weight is not None:
