@@ -19,6 +19,7 @@
 #   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
 #   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
 #   TESTS="tests/test_tuning.py -k gather" bash benchmarks/gpu_session.sh tests   # a rerun of some tests
+#   LIMIT_TESTS=120 BENCH_K_MODELS="resnet50 and not compile" bash benchmarks/gpu_session.sh   # a shorter lease
 #
 # Results, at most 8 files, in $OUT (or ./gpu-out): summary.txt (device, versions, each phase's status
 # and time, the first-call table, the main job's report), logs.tar.gz (every log, the tests' JUnit XML,
@@ -46,9 +47,13 @@ summary="$out/summary.txt"
 say() { echo "$*" | tee -a "$summary"; }
 
 # run_phase NAME LIMIT COMMAND...: COMMAND under min(LIMIT, budget left - 20 s), output to logs/NAME.log.
+# LIMIT_<NAME> (first-call: LIMIT_FIRST_CALL) overrides LIMIT, to fit a shorter lease.
 run_phase() {
   local name=$1 limit=$2
   shift 2
+  local override="LIMIT_${name//-/_}"
+  override=${override^^}
+  limit=${!override:-$limit}
   [[ "$phases" == *" $name "* ]] || return 0
   local left=$((budget - (SECONDS - start) - 20))
   if ((left < 30)); then
@@ -94,8 +99,10 @@ export TRITON_CACHE_DIR="$work/first-call/triton" RESNET_FAST_TUNING_CACHE="$wor
 run_phase first-call 240 python3 benchmarks/first_call.py --case cold --case warm --work "$work/first-call" \
   --json "$logs/first-call.json"
 bench() {  # bench NAME FILE: one benchmark file, JSON to $out/bench-NAME.json
+  # BENCH_K_<NAME> (BENCH_K_MODELS, BENCH_K_KERNELS) narrows one file's selection with -k.
+  local k="BENCH_K_${1^^}"
   # shellcheck disable=SC2086  # BENCH_SELECT is a list of words
-  python3 -m pytest "benchmarks/$2" --benchmark-only $select -q -ra -p no:cacheprovider \
+  python3 -m pytest "benchmarks/$2" --benchmark-only $select ${!k:+-k "${!k}"} -q -ra -p no:cacheprovider \
     --benchmark-json="$out/bench-$1.json"
 }
 run_phase models 240 bench models test_models.py
