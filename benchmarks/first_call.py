@@ -9,7 +9,8 @@ choices timed:
 * ``cold``: empty caches, no committed table (a fresh machine before any table was recorded);
 * ``warm``: the caches ``cold`` left (a second process on the same machine);
 * ``table``: an empty Triton cache and no tuning cache, but ``cold``'s choices given as the committed
-  table (a fresh machine of a GPU model with a committed table).
+  table (a fresh machine of a GPU model with a committed table); without an earlier ``cold`` in
+  ``--work``, the package's own committed tables.
 
     python3 benchmarks/first_call.py                           # resnet50, batch 256, bf16 on a GPU
     python3 benchmarks/first_call.py --case warm --case table  # after an earlier cold run in --work
@@ -73,8 +74,8 @@ def run_case(case: str, work: pathlib.Path, arch: str, batch: int, size: int, dt
         shutil.rmtree(tuning_cache, ignore_errors=True)
     env = {**os.environ, "TRITON_CACHE_DIR": str(triton_cache), "RESNET_FAST_TUNING_CACHE": str(tuning_cache)}
     env.pop("RESNET_FAST_AUTOTUNE", None)
-    if case == "table":
-        env["RESNET_FAST_TUNED_DIR"] = str(tuned_dir)
+    if case == "table" and any(tuned_dir.glob("*.json")):
+        env["RESNET_FAST_TUNED_DIR"] = str(tuned_dir)  # else the package's committed tables
     else:
         env.pop("RESNET_FAST_TUNED_DIR", None)
     before = _files(triton_cache)

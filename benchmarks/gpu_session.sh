@@ -40,6 +40,7 @@ budget=${BUDGET_S:-540}
 select=${BENCH_SELECT--m headline}
 workers=${TEST_WORKERS:-8}
 phases=" ${*:-build tests first-call models main kernels table} "
+export out work logs select workers  # the phase functions run in a child bash
 start=$SECONDS
 summary="$out/summary.txt"
 : > "$summary"
@@ -63,7 +64,9 @@ run_phase() {
   ((limit > left)) && limit=$left
   local t0=$SECONDS
   # SIGINT first: pytest then still writes its JUnit XML and benchmark JSON for what has run.
-  timeout -s INT -k 15 "$limit" "$@" > "$logs/$name.log" 2>&1
+  # Through bash, since a phase may be one of the (exported) functions below; timeout signals the whole
+  # process group, so the python under it gets the SIGINT too.
+  timeout -s INT -k 15 "$limit" bash -c '"$@"' "$name" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
   say "phase $name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)$([[ $rc == 124 ]] && echo ', cut at its limit')"
   tail -15 "$logs/$name.log"
@@ -82,6 +85,7 @@ build() {
   rm -f resnet_fast/_C*.so
   python3 -m pip install -q --no-deps --no-index --no-build-isolation -e .
 }
+export -f build
 run_phase build 150 build
 
 tests() {
@@ -92,6 +96,7 @@ tests() {
     -p no:cacheprovider -m "not slow" --ignore=tests/test_packaging.py --ignore=tests/test_cmake_build.py \
     --durations=25 --junitxml="$logs/tests.xml"
 }
+export -f tests
 run_phase tests 200 tests
 
 # The benchmark phases share first_call.py's Triton cache and tuning cache (its cold case empties them).
@@ -105,6 +110,7 @@ bench() {  # bench NAME FILE: one benchmark file, JSON to $out/bench-NAME.json
   python3 -m pytest "benchmarks/$2" --benchmark-only $select ${!k:+-k "${!k}"} -q -ra -p no:cacheprovider \
     --benchmark-json="$out/bench-$1.json"
 }
+export -f bench
 run_phase models 240 bench models test_models.py
 run_phase main 60 python3 -m resnet_fast
 run_phase kernels 240 bench kernels test_kernels.py
