@@ -76,8 +76,9 @@ def run_case(case: str, work: pathlib.Path, arch: str, batch: int, size: int, dt
     env.pop("RESNET_FAST_AUTOTUNE", None)
     if case == "table" and any(tuned_dir.glob("*.json")):
         env["RESNET_FAST_TUNED_DIR"] = str(tuned_dir)  # else the package's committed tables
-    else:
-        env.pop("RESNET_FAST_TUNED_DIR", None)
+    elif case != "table":  # cold and warm: no committed table either
+        (work / "no-table").mkdir(parents=True, exist_ok=True)
+        env["RESNET_FAST_TUNED_DIR"] = str(work / "no-table")
     before = _files(triton_cache)
     done = subprocess.run([sys.executable, "-c", _CHILD, arch, str(batch), str(size), dtype], env=env,
                           capture_output=True, text=True)
