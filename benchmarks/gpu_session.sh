@@ -15,7 +15,7 @@
 #                 autotuning on, with the caches first-call left
 #     main        python -m resnet_fast (resnet50, batch 256, bf16)
 #     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
-#     table       a fresh machine with the recorded choices as committed table (first_call.py table)
+#     table       a fresh machine with the package's committed table (first_call.py --case table)
 #   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
 #   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
 #   TESTS="tests/test_tuning.py -k gather" bash benchmarks/gpu_session.sh tests   # a rerun of some tests
@@ -115,7 +115,8 @@ run_phase models 240 bench models test_models.py
 run_phase main 60 python3 -m resnet_fast
 run_phase kernels 240 bench kernels test_kernels.py
 cp "$RESNET_FAST_TUNING_CACHE"/*.json "$work/" 2>/dev/null  # before the table case empties the cache
-run_phase table 90 python3 benchmarks/first_call.py --case table --work "$work/first-call" \
+rm -rf "$work/table"  # a fresh machine: empty caches, the package's committed table
+run_phase table 90 python3 benchmarks/first_call.py --case table --work "$work/table" \
   --json "$logs/first-call-table.json"
 
 runs=()
