@@ -28,9 +28,9 @@ def lowp_tolerance(dtype: torch.dtype, torch_same_dtype: torch.Tensor, ref64: to
 
 @pytest.fixture(autouse=True)
 def _exact_float32_convolutions():
-    """float32 convolutions without TF32, torch's and the kernels' alike (the kernels follow torch's
-    setting), so float32 results are held to float32 tolerances: TF32's ~1e-3 errors would hide a
-    kernel bug. Tests of the TF32 default turn it back on themselves."""
+    """float32 convolutions without TF32, so torch's float32 results are exact and the Triton kernels
+    take float32 calls at all (with TF32 on, torch's default, they leave them to torch: TF32's ~1e-3
+    errors would hide a kernel bug). Tests of the TF32 default turn it back on themselves."""
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     yield

@@ -32,6 +32,7 @@ import torch
 
 from resnet_fast.backends import Unsupported, counting
 from resnet_fast.kernels import conv_gather, conv_gemm_tma, conv_patch_tma
+from resnet_fast.kernels.conv_common import float32_unsupported_reason
 
 __all__ = ["KERNELS", "TABLE", "conv_bn_act", "kernel_for", "layer_class", "record_kernels", "select"]
 
@@ -102,7 +103,11 @@ def record_kernels() -> contextlib.AbstractContextManager[collections.Counter]:
 
 def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding, dilation,
                 groups, residual, relu):
-    """The ``"triton"`` backend's ``conv_bn_act``: the family :func:`kernel_for` names."""
+    """The ``"triton"`` backend's ``conv_bn_act``: the family :func:`kernel_for` names (float32 with TF32
+    on is left to torch: :func:`~resnet_fast.kernels.conv_common.float32_unsupported_reason`)."""
+    reason = float32_unsupported_reason(x)
+    if reason is not None:
+        raise Unsupported(reason)
     name = kernel_for(x, weight, stride, padding, dilation, groups, residual)
     out = KERNELS[name](x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
                         dilation, groups, residual, relu)

@@ -5,7 +5,7 @@
   (one fixed config per family instead of timing candidates on the first call per shape).
 * :func:`accumulate`, the main loop's ``acc += a @ b`` with that upcast; :func:`grouped_tile`, the tile
   order that keeps a weight column tile in L2 while ``GROUP_M`` row tiles use it.
-* Host side: :func:`input_precision`, :func:`channel_vector` and :func:`configured`, which makes a
+* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector` and :func:`configured`, which makes a
   family's :class:`Launcher`: autotuned on a GPU (choices kept across processes by
   :mod:`resnet_fast.kernels.tuning`), a fixed config otherwise, or a config a test pins.
 * For the tensor-descriptor (TMA) families: the NHWC views their descriptors address (:func:`nhwc`,
@@ -28,7 +28,7 @@ from resnet_fast.kernels import tuning
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
     "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
-    "grouped_tile", "input_precision", "nhwc", "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
+    "float32_unsupported_reason", "grouped_tile", "nhwc", "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,12 +37,13 @@ SHARED_MEMORY = 227 * 1024  # per block on Hopper (H100, H200)
 
 
 @triton.jit
-def accumulate(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b with float32 accumulation (operands upcast where the interpreter needs it)."""
+def accumulate(a, b, acc, UPCAST: tl.constexpr):
+    """acc += a @ b with float32 accumulation (operands upcast where the interpreter needs it). float32
+    products are exact ("ieee"), never TF32: see :func:`float32_unsupported_reason`."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -56,23 +57,22 @@ def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-def accumulators_fit(config: triton.Config, itemsize: int, precision: str, wgmma: bool = True) -> bool:
+def accumulators_fit(config: triton.Config, itemsize: int) -> bool:
     """Whether a ``BLOCK_M x BLOCK_N`` float32 accumulator leaves registers to spare: at most 128 a thread
-    with 16-bit operands; with float32 operands 64 where wgmma reads them from shared memory (tf32) and 16
-    where their fragments pass through registers too (exact products on FMAs, or tf32 on mma.sync).
-    Beyond these ptxas spills for sm_90, with float32 inside the main loop (tests/test_triton.py's
-    compile checks)."""
+    with 16-bit operands, 16 with float32 ones (exact products on FMAs, the operand fragments in registers
+    too). Beyond these ptxas spills for sm_90 inside the main loop (tests/test_triton.py's compile
+    checks)."""
     accumulators = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
-    return accumulators <= (128 if itemsize < 4 else 64 if precision == "tf32" and wgmma else 16)
+    return accumulators <= (128 if itemsize < 4 else 16)
 
 
-def fits(config: triton.Config, block_k: int, itemsize: int, epilogue_tiles: int, precision: str) -> bool:
+def fits(config: triton.Config, block_k: int, itemsize: int, epilogue_tiles: int) -> bool:
     """Whether a ``BLOCK_M x BLOCK_N`` config fits a Hopper multiprocessor: ``num_stages`` A and B blocks
     of ``block_k`` channels plus ``epilogue_tiles`` output-sized tiles in shared memory, and an accumulator
     that :func:`accumulators_fit`."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     shared = itemsize * (config.num_stages * (bm + bn) * block_k + epilogue_tiles * bm * bn)
-    return shared <= SHARED_MEMORY and accumulators_fit(config, itemsize, precision)
+    return shared <= SHARED_MEMORY and accumulators_fit(config, itemsize)
 
 
 def torch_convolutions_use_tf32() -> bool:
@@ -90,13 +90,15 @@ def torch_convolutions_use_tf32() -> bool:
     return False
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """The ``tl.dot`` precision for operands of this dtype: tf32 for float32 where torch's convolutions
-    use it (by default), so a float32 model computes as torchvision's does; exact products otherwise
-    (and always under the interpreter, which has no TF32)."""
-    if dtype == torch.float32 and not INTERPRET and torch_convolutions_use_tf32():
-        return "tf32"
-    return "ieee"
+def float32_unsupported_reason(x: torch.Tensor) -> str | None:
+    """Why a float32 call on a GPU is left to torch's own convolution, or None: while torch's
+    convolutions may use TF32 (its default), cuDNN rounds float32 operands to TF32, and Triton's TF32
+    ``tl.dot`` truncates them instead, which on an H200 gave 2.0-2.6x cuDNN's own error, over the parity
+    bound of 2x (BENCHMARKS.md, 2026-12-04). So float32 keeps torch's numbers there; with TF32 off it
+    runs here, with exact products."""
+    if x.is_cuda and x.dtype == torch.float32 and torch_convolutions_use_tf32():
+        return "float32 with TF32 on (torch's default) runs on torch's convolution, which rounds to TF32 as Triton cannot"
+    return None
 
 
 def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -105,8 +107,8 @@ def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
-    """The ``PRECISION`` and ``UPCAST`` arguments of :func:`accumulate` for operands of this dtype."""
-    return {"PRECISION": input_precision(dtype), "UPCAST": INTERPRET and dtype == torch.bfloat16}
+    """The ``UPCAST`` argument of :func:`accumulate` for operands of this dtype."""
+    return {"UPCAST": INTERPRET and dtype == torch.bfloat16}
 
 
 class NotACandidate(LookupError):
@@ -247,16 +249,16 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor | None:
 
 def descriptor_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, groups: int,
                                   residual: torch.Tensor | None) -> str | None:
-    """What every tensor-descriptor family requires, or None: Hopper or newer (or the interpreter), TF32
-    for float32 on a GPU, channels_last x and weight with 16-byte rows of channels, 16-byte output rows,
+    """What every tensor-descriptor family requires, or None: Hopper or newer (or the interpreter), 16-bit
+    operands on a GPU, channels_last x and weight with 16-byte rows of channels, 16-byte output rows,
     a residual laid out as the output (dense channels_last)."""
     if groups != 1:
         return f"grouped convolution (groups={groups})"
     if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
         return "tensor descriptors (TMA) need compute capability 9.0 or newer"
-    if x.is_cuda and x.dtype == torch.float32 and input_precision(x.dtype) == "ieee":
+    if x.is_cuda and x.dtype == torch.float32:
         # Exact products run on FMAs with operands in registers: these tiles spill thousands of bytes.
-        return "exact float32 products (TF32 turned off) are not wgmma work"
+        return "exact float32 products are not wgmma work"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {x.dtype}"
     if nhwc(x) is None or weight_matrix(weight) is None:

@@ -40,7 +40,7 @@ _GPU_CONFIGS = [
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 5, 4),
-        (64, 64, 32, 4, 8),  # the widest that exact float32 (FMA, TF32 off) runs without spilling
+        (64, 64, 32, 4, 8),  # the widest that exact float32 (FMA) runs without spilling
         (128, 32, 64, 4, 4),
         (64, 32, 32, 5, 4),
         # Small M (batch 1: layer4 has 49 output pixels, layer3 196), usually with split-K.
@@ -50,7 +50,7 @@ _GPU_CONFIGS = [
 ]
 # Under the interpreter each program costs milliseconds: large tiles, one fixed config.
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)
-# RESNET_FAST_AUTOTUNE=0: one config that fits in every dtype and precision without spilling, instead of
+# RESNET_FAST_AUTOTUNE=0: one config that fits in every dtype without spilling, instead of
 # compiling and timing each candidate on the first call per shape (quick first calls, e.g. for tests).
 _FIXED_GPU_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
 _SMALL_M = 4096  # output pixels under which tiles shorter than 64 rows, and split-K, are considered
@@ -70,8 +70,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
         c
         for c in configs
         if (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages <= SHARED_MEMORY
-        # The product is transposed (channels x pixels): wgmma takes 64 or more channel rows.
-        and accumulators_fit(c, itemsize, nargs["PRECISION"], wgmma=c.kwargs["BLOCK_N"] >= 64)
+        and accumulators_fit(c, itemsize)
         and c.kwargs["BLOCK_N"] <= widest
         and c.kwargs["BLOCK_M"] <= tallest
         and (c.kwargs["BLOCK_M"] >= 64 or nargs["M"] <= _SMALL_M)
@@ -122,7 +121,7 @@ def _conv_gather_kernel(
     sr_n, sr_c, sr_h, sr_w,
     sy_n, sy_c, sy_h, sy_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT_K: tl.constexpr,
+    RELU: tl.constexpr, UPCAST: tl.constexpr, FLAT_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -166,7 +165,7 @@ def _conv_gather_kernel(
             )
             w_tap = r * sw_h + s * sw_w + c * sw_c
             w_tile = tl.load(w_col[:, None] + w_tap[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = accumulate(w_tile, x_tile, acc, PRECISION, UPCAST)
+            acc = accumulate(w_tile, x_tile, acc, UPCAST)
     else:
         # Each K block is one tap (r, s) and one channel block, so the spatial mask and row addresses
         # stay per pixel. One flat loop over (tap, channel block) rather than nested loops: the
@@ -186,7 +185,7 @@ def _conv_gather_kernel(
                              other=0.0)
             w_tap = w_col + r * sw_h + s * sw_w
             w_tile = tl.load(w_tap[:, None] + c[None, :] * sw_c, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            acc = accumulate(w_tile, x_tile, acc, PRECISION, UPCAST)
+            acc = accumulate(w_tile, x_tile, acc, UPCAST)
 
     acc = tl.trans(acc)
     if SPLIT_K == 1:

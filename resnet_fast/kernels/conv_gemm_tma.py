@@ -57,7 +57,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     nargs = {**nargs, **kwargs}
     itemsize = nargs["y_desc"].base.element_size()
     widest = max(64, triton.next_power_of_2(nargs["C_out"]))
-    kept = [c for c in configs if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 2, nargs["PRECISION"]) and c.kwargs["BLOCK_N"] <= widest]
+    kept = [c for c in configs if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 2) and c.kwargs["BLOCK_N"] <= widest]
     return kept or configs[-1:]
 
 
@@ -67,7 +67,7 @@ def _conv1x1_gemm_kernel(
     bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr,
     eps,
     M, C_in, C_out, num_programs,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    RELU: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
@@ -84,7 +84,7 @@ def _conv1x1_gemm_kernel(
         for kb in range(k_blocks):
             w = w_desc.load([off_n, kb * BLOCK_K])
             x = x_desc.load([off_m, kb * BLOCK_K])
-            acc = accumulate(w, x.T, acc, PRECISION, UPCAST)
+            acc = accumulate(w, x.T, acc, UPCAST)
 
         offs_n = off_n + tl.arange(0, BLOCK_N)
         scale, shift = channel_scale_shift(offs_n, offs_n < C_out, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr,

@@ -76,7 +76,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     images = max(nargs["N"], _MAX_PATCH // patch)
     kept = [
         c for c in configs
-        if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 0, nargs["PRECISION"]) and c.kwargs["BLOCK_N"] <= widest
+        if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 0) and c.kwargs["BLOCK_N"] <= widest
         and c.kwargs["BLOCK_M"] // patch <= images
     ]
     return kept or configs[-1:]
@@ -90,7 +90,7 @@ def _conv_patch_kernel(
     N, H_out, W_out, C_in, C_out,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    RELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    RELU: tl.constexpr, UPCAST: tl.constexpr,
     PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -123,7 +123,7 @@ def _conv_patch_kernel(
         x = x_desc.load([n0, oh0 + row // stride_h - pad_h, row % stride_h, ow0 + col // stride_w - pad_w,
                          col % stride_w * C_in + c0])
         w = w_desc.load([co0, tap * C_in + c0])
-        acc = accumulate(w, x.reshape(BLOCK_M, BLOCK_K).T, acc, PRECISION, UPCAST)
+        acc = accumulate(w, x.reshape(BLOCK_M, BLOCK_K).T, acc, UPCAST)
 
     offs_n = co0 + tl.arange(0, BLOCK_N)
     scale, shift = channel_scale_shift(offs_n, offs_n < C_out, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr,

@@ -47,7 +47,9 @@ import triton.language as tl
 
 from resnet_fast.backends import Unsupported
 from resnet_fast.kernels import conv
-from resnet_fast.kernels.conv_common import accumulate, channel_vector, configured, dot_flags
+from resnet_fast.kernels.conv_common import (
+    accumulate, channel_vector, configured, dot_flags, float32_unsupported_reason,
+)
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, stem_sizes
@@ -71,7 +73,7 @@ _MAX_BLOCK_N = 64  # ResNet stems have 64 channels; wider stems take more channe
 def _conv_row_window_max(
     x_tile, x_pix, m_ok, w_ptr, w_tap, w_ok, r, s, tap_ok, scale, shift, conv_row, pooled_col,
     C_in, H, W, H_conv, W_conv, sx_c, sx_h, sx_w, sw_c,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``relu(bn(conv))`` at conv row ``conv_row`` (a scalar), maxed over the pool window's three columns of
     each pooled column ``pooled_col`` (``[BLOCK_M]``): ``[BLOCK_M, BLOCK_N]`` float32. Window positions
@@ -94,7 +96,7 @@ def _conv_row_window_max(
         for c in range(C_in):  # one K block of 64 taps per input channel
             b = tl.load(w_ptr + (w_tap + c * sw_c), mask=w_ok, other=0.0)
             a = tl.load(x_tile + (x_tap + c * sx_c), mask=x_ok, other=0.0).to(b.dtype)  # cast to the compute dtype
-            acc = accumulate(a, b, acc, PRECISION, UPCAST)
+            acc = accumulate(a, b, acc, UPCAST)
         act = apply_epilogue(acc, scale, shift, None, True)
         inside = row_inside & (conv_col >= 0) & (conv_col < W_conv)
         best = tl.maximum(best, tl.where(inside[:, None], act, 0.0))
@@ -109,7 +111,7 @@ def _stem_kernel(
     sx_n, sx_c, sx_h, sx_w,
     sw_o, sw_c, sw_h, sw_w,
     sy_n, sy_c, sy_h, sy_w,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     # Programs: (block of (image, pooled column) pairs, strip of ROWS pooled rows, block of channels).
@@ -142,7 +144,7 @@ def _stem_kernel(
     for conv_row in range(2 * first_row - 1, 2 * min(first_row + ROWS, H_pool)):
         row = _conv_row_window_max(
             x_tile, x_pix, m_ok, w_ptr, w_tap, w_ok, r, s, tap_ok, scale, shift, conv_row, pooled_col,
-            C_in, H, W, H_conv, W_conv, sx_c, sx_h, sx_w, sw_c, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+            C_in, H, W, H_conv, W_conv, sx_c, sx_h, sx_w, sw_c, UPCAST, BLOCK_M, BLOCK_N,
         )
         window = tl.maximum(window, row)
         if conv_row % 2 != 0:
@@ -241,4 +243,7 @@ def stem(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
     name = os.environ.get("RESNET_FAST_STEM_KERNEL") or DEFAULT
     if name not in STEM_KERNELS:
         raise Unsupported(f"RESNET_FAST_STEM_KERNEL={name!r} is not one of {sorted(STEM_KERNELS)}")
+    reason = float32_unsupported_reason(weight)  # the weight's dtype is the compute dtype
+    if reason is not None:
+        raise Unsupported(reason)
     return STEM_KERNELS[name](x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
