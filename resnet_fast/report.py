@@ -81,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in models.values():
         m.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    xp = x[: parity_batch.shape[0]]
+    n = parity_batch.shape[0]
     with torch.no_grad():
+        # The whole batch runs and its first n rows are checked: a batch of n alone would be new shapes,
+        # which a GPU autotunes (minutes), while the timed batch's shapes are tuned once, or tabled.
         with backends.record_dispatch() as calls:
-            out = fast(xp)
-        err = {"torchvision": relative_error(reference(xp), ref64), "resnet_fast": relative_error(out, ref64)}
+            out = fast(x)[:n]
+        err = {"torchvision": relative_error(reference(x)[:n], ref64), "resnet_fast": relative_error(out, ref64)}
         limit = parity_tolerance(dtype, err["torchvision"])
         ok = err["resnet_fast"] <= limit
         timings = {k: _median_ms(m, x, warmup=3 if device.type == "cpu" else 10, iters=args.iters)
