@@ -5,17 +5,18 @@
 # time with every log written; a phase that runs out of time is cut and the next ones are skipped.
 #
 #   bash benchmarks/gpu_session.sh                   # all phases, in this order:
-#     build       the extension for this GPU (pip install -e .)
-#     tests       the test suite (packaging and CMake left out), RESNET_FAST_AUTOTUNE=0 (one fixed
-#                 config per family; tests/test_tuning.py pins and checks every autotune candidate),
-#                 spread over TEST_WORKERS processes (pytest-xdist) since compiling kernels is CPU work
-#     first-call  benchmarks/first_call.py cold (a fresh process with empty Triton and tuning caches:
-#                 compile and autotune of resnet50, batch 256, bf16), then warm (a second process)
+#     build       the extension for this GPU (pip install -e .; 23 s on the H200)
+#     tests       the test files with GPU tests (TESTS; the others run on CPU in CI), RESNET_FAST_AUTOTUNE=0
+#                 (one fixed config per family; tests/test_tuning.py pins and checks every autotune
+#                 candidate), spread over TEST_WORKERS processes (pytest-xdist): compiling is CPU work
+#     table       a fresh machine with the package's committed table (first_call.py --case table: 14 s
+#                 for resnet50, batch 256, bf16 on the H200); the benchmarks then reuse its caches
 #     models      the headline whole-model benchmarks (eager, compile, compile + freezing, resnet_fast),
-#                 autotuning on, with the caches first-call left
-#     main        python -m resnet_fast (resnet50, batch 256, bf16)
+#                 autotuning on (shapes missing from the table are timed in their warm-up)
 #     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
-#     table       a fresh machine with the package's committed table (first_call.py --case table)
+#     main        python -m resnet_fast (resnet50, batch 256, bf16)
+#     first-call  benchmarks/first_call.py cold (empty Triton and tuning caches, no table: 75 s on the
+#                 H200), then warm (a second process: 0.6 s)
 #   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
 #   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
 #   TESTS="tests/test_tuning.py -k gather" bash benchmarks/gpu_session.sh tests   # a rerun of some tests
@@ -24,8 +25,8 @@
 # Results, at most 8 files, in $OUT (or ./gpu-out): summary.txt (device, versions, each phase's status
 # and time, the first-call table, the main job's report), logs.tar.gz (every log, the tests' JUnit XML,
 # the benchmark logs), bench-models.json and bench-kernels.json, BENCHMARKS.md (the report written into
-# a copy), results.png, and tuned-<gpu>.json (the autotuner's choices, to commit as
-# resnet_fast/kernels/tuned/<gpu>.json).
+# a copy), results.png, and tuned-<gpu>.json (the choices timed beyond the committed table, to merge
+# into resnet_fast/kernels/tuned/<gpu>.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -38,9 +39,12 @@ mkdir -p "$logs"
 export PYTHONUNBUFFERED=1
 budget=${BUDGET_S:-540}
 select=${BENCH_SELECT--m headline}
-workers=${TEST_WORKERS:-8}
-phases=" ${*:-build tests first-call models main kernels table} "
-export out work logs select workers  # the phase functions run in a child bash
+workers=${TEST_WORKERS:-14}
+phases=" ${*:-build tests table models kernels main first-call} "
+# The files with GPU tests; the rest are CPU tests that CI runs.
+gpu_tests="tests/test_triton.py tests/test_cuda_ext.py tests/test_cuda_graph.py tests/test_stem.py \
+tests/test_conv_tma.py tests/test_tuning.py"
+export out work logs select workers gpu_tests  # the phase functions run in a child bash
 start=$SECONDS
 summary="$out/summary.txt"
 : > "$summary"
@@ -86,23 +90,24 @@ build() {
   python3 -m pip install -q --no-deps --no-index --no-build-isolation -e .
 }
 export -f build
-run_phase build 150 build
+run_phase build 90 build
 
 tests() {
   local parallel=()
   python3 -c "import xdist" 2>/dev/null && parallel=(-n "$workers")
   # shellcheck disable=SC2086  # TESTS is a list of words
-  TRITON_CACHE_DIR="$work/triton-tests" RESNET_FAST_AUTOTUNE=0 python3 -m pytest ${TESTS:-tests} "${parallel[@]}" -q -ra \
+  TRITON_CACHE_DIR="$work/triton-tests" RESNET_FAST_AUTOTUNE=0 python3 -m pytest ${TESTS:-$gpu_tests} "${parallel[@]}" -q -ra \
     -p no:cacheprovider -m "not slow" --ignore=tests/test_packaging.py --ignore=tests/test_cmake_build.py \
     --durations=25 --junitxml="$logs/tests.xml"
 }
 export -f tests
 run_phase tests 200 tests
 
-# The benchmark phases share first_call.py's Triton cache and tuning cache (its cold case empties them).
-export TRITON_CACHE_DIR="$work/first-call/triton" RESNET_FAST_TUNING_CACHE="$work/first-call/tuning"
-run_phase first-call 240 python3 benchmarks/first_call.py --case cold --case warm --work "$work/first-call" \
-  --json "$logs/first-call.json"
+# The benchmark phases share the table case's Triton cache and tuning cache.
+rm -rf "$work/table"  # a fresh machine: empty caches, the package's committed table
+export TRITON_CACHE_DIR="$work/table/triton" RESNET_FAST_TUNING_CACHE="$work/table/tuning"
+run_phase table 60 python3 benchmarks/first_call.py --case table --work "$work/table" \
+  --json "$logs/first-call-table.json"
 bench() {  # bench NAME FILE: one benchmark file, JSON to $out/bench-NAME.json
   # BENCH_K_<NAME> (BENCH_K_MODELS, BENCH_K_KERNELS) narrows one file's selection with -k.
   local k="BENCH_K_${1^^}"
@@ -111,13 +116,12 @@ bench() {  # bench NAME FILE: one benchmark file, JSON to $out/bench-NAME.json
     --benchmark-json="$out/bench-$1.json"
 }
 export -f bench
-run_phase models 240 bench models test_models.py
+run_phase models 180 bench models test_models.py
+run_phase kernels 120 bench kernels test_kernels.py
 run_phase main 60 python3 -m resnet_fast
-run_phase kernels 240 bench kernels test_kernels.py
-cp "$RESNET_FAST_TUNING_CACHE"/*.json "$work/" 2>/dev/null  # before the table case empties the cache
-rm -rf "$work/table"  # a fresh machine: empty caches, the package's committed table
-run_phase table 90 python3 benchmarks/first_call.py --case table --work "$work/table" \
-  --json "$logs/first-call-table.json"
+cp "$RESNET_FAST_TUNING_CACHE"/*.json "$work/" 2>/dev/null  # what was timed beyond the committed table
+run_phase first-call 150 python3 benchmarks/first_call.py --case cold --case warm --work "$work/first-call" \
+  --json "$logs/first-call.json"
 
 runs=()
 for json in "$out"/bench-*.json; do [[ -s "$json" ]] && runs+=("$json"); done
