@@ -14,8 +14,8 @@ calls it cannot serve:
 :data:`TABLE` names, per layer class, the default family and the TMA family. A TMA family becomes a
 class's default only once a GPU run has measured it faster than the one it replaces, recorded in
 BENCHMARKS.md ("Convolution kernel per layer class"); on the H200 run of 2026-12-04 gather was faster
-on every class but one shape, so every default is ``gather``. ``RESNET_FAST_CONV_KERNEL=<family>`` forces a family, and ``RESNET_FAST_CONV_KERNEL=tma`` the
-table's TMA family of each call's class; a call the forced family cannot take (a 3-channel stem, NCHW
+on every class but one shape, so every default is ``gather``. ``RESNET_FAST_CONV_KERNEL=<family>``
+forces a family, and ``RESNET_FAST_CONV_KERNEL=tma`` the table's TMA family of each call's class; a call the forced family cannot take (a 3-channel stem, NCHW
 input, an Ampere GPU, ...) runs on ``gather`` rather than leaving the Triton backend.
 :func:`record_kernels` counts which family served each call.
 """

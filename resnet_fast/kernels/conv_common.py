@@ -5,8 +5,8 @@
   (one fixed config per family instead of timing candidates on the first call per shape).
 * :func:`accumulate`, the main loop's ``acc += a @ b`` with that upcast; :func:`grouped_tile`, the tile
   order that keeps a weight column tile in L2 while ``GROUP_M`` row tiles use it.
-* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector` and :func:`configured`, which makes a
-  family's :class:`Launcher`: autotuned on a GPU (choices kept across processes by
+* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector` and :func:`configured`, which
+  makes a family's :class:`Launcher`: autotuned on a GPU (choices kept across processes by
   :mod:`resnet_fast.kernels.tuning`), a fixed config otherwise, or a config a test pins.
 * For the tensor-descriptor (TMA) families: the NHWC views their descriptors address (:func:`nhwc`,
   :func:`weight_matrix`) and :func:`descriptor_unsupported_reason`, what every such family requires.
@@ -28,7 +28,8 @@ from resnet_fast.kernels import tuning
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
     "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
-    "float32_unsupported_reason", "grouped_tile", "nhwc", "set_output_boxes", "tile_config", "torch_convolutions_use_tf32", "weight_matrix",
+    "float32_unsupported_reason", "grouped_tile", "nhwc", "set_output_boxes", "tile_config",
+    "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -97,7 +98,8 @@ def float32_unsupported_reason(x: torch.Tensor) -> str | None:
     bound of 2x (BENCHMARKS.md, 2026-12-04). So float32 keeps torch's numbers there; with TF32 off it
     runs here, with exact products."""
     if x.is_cuda and x.dtype == torch.float32 and torch_convolutions_use_tf32():
-        return "float32 with TF32 on (torch's default) runs on torch's convolution, which rounds to TF32 as Triton cannot"
+        return ("float32 with TF32 on (torch's default) runs on torch's convolution, which rounds operands "
+                "to TF32 where Triton truncates them")
     return None
 
 
