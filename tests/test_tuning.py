@@ -279,7 +279,35 @@ def test_keys_and_file_names():
     nargs = {"x_ptr": torch.empty(2, dtype=BF16), "M": 49, "C_out": 512, "KH": 3, "eps": 1e-5, "w": torch.empty(1)}
     key = tuning.key_of(["M", "C_out", "KH"], nargs)
     assert key == (49, 512, 3, BF16, F32)
-    assert tuning.key_text(["M", "C_out", "KH"], key) == "M=49,C_out=512,KH=3,torch.bfloat16,torch.float32"
+    # The batch's arguments (M, N) are written rounded up to a power of two, the others as they are.
+    assert tuning.key_text(["M", "C_out", "KH"], key) == "M=64,C_out=512,KH=3,torch.bfloat16,torch.float32"
+    assert tuning.key_text(["N", "C_in", "M"], (200, 3, 1)) == "N=256,C_in=3,M=1"
+    assert tuning.key_text(["M"], (802816,)) == tuning.key_text(["M"], (524289,)) == "M=1048576"
+
+
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_gather_candidates_depend_on_m_only_through_its_power_of_two(dtype):
+    """What lets a stored choice serve every M its key rounds to (tuning.key_text): the same candidates
+    for each M up to the same power of two, small-M tiles included."""
+    for top in (64, 4096, 8192, 2**20):
+        candidates = {m: conv_gather._prune_configs(conv_gather._GPU_CONFIGS,
+                                                    {"x_ptr": torch.empty(0, dtype=dtype), "C_out": 256, "M": m})
+                      for m in (top // 2 + 1, top * 3 // 4, top - 1, top)}
+        assert len({tuple(map(str, c)) for c in candidates.values()}) == 1, (top, dtype)
+
+
+def test_a_partial_batch_uses_the_choice_timed_for_the_full_one(tuned_on_cpu):
+    """A batch of 3 (147 pixels) after one of 4 (196, the same power of two): nothing is timed; a batch
+    of 1 (49 pixels, another power of two) is timed."""
+    n, *rest = (4, *_SHAPE[1:])
+    tuned_on_cpu.new_process()
+    check_conv(n, *rest)
+    assert tuned_on_cpu.timed
+    launcher = tuned_on_cpu.new_process()
+    check_conv(3, *rest)
+    assert tuned_on_cpu.timed == [] and len(launcher._chosen) == 1
+    check_conv(1, *rest)
+    assert tuned_on_cpu.timed
 
 
 def _committed_tables() -> list:

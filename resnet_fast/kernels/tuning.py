@@ -13,7 +13,10 @@ descriptors' boxes in one), so resnet_fast keeps the choices itself, in one form
 
 ``<gpu>`` is the device name in lower case, runs of other characters as ``-`` (``nvidia-h100-80gb-hbm3``).
 A choice is keyed by family and autotune key: the values of the family's key arguments, then the dtype
-of each tensor argument, as Triton's autotuner keys them. The launcher
+of each tensor argument, as Triton's autotuner keys them, except that the arguments which grow with the
+batch (``M``, output pixels; ``N``, images) are written rounded up to a power of two: a batch of 200 then
+finds the choice timed at 256, where the last, partial batch of an epoch would time every layer again
+(75 s for a resnet50 on an H200). The launcher
 (:func:`resnet_fast.kernels.conv_common.configured`) uses a stored choice only if it is still one of the
 family's candidates for that call, so a table older than the candidate list can cost speed, never
 correctness. ``RESNET_FAST_TUNING=0`` reads and writes neither (every shape is timed afresh).
@@ -60,9 +63,18 @@ def key_of(key_names: list[str], nargs: dict) -> tuple:
     return tuple(nargs.get(name) for name in key_names) + tuple(v.dtype for v in nargs.values() if hasattr(v, "dtype"))
 
 
+def _rounded(name: str, value):
+    """``value`` of key argument ``name`` as the tables write it (module docstring): M and N rounded up
+    to a power of two. The conv families' candidate lists depend on M only through that power of two
+    (tests/test_tuning.py checks it), and on N hardly at all."""
+    if name in ("M", "N") and isinstance(value, int) and value > 1:
+        return 1 << (value - 1).bit_length()
+    return value
+
+
 def key_text(key_names: list[str], key: tuple) -> str:
-    """:func:`key_of`'s key as the tables write it: ``"M=49,C_out=512,torch.bfloat16"``."""
-    values = [f"{name}={value}" for name, value in zip(key_names, key)]
+    """:func:`key_of`'s key as the tables write it: ``"M=64,C_out=512,torch.bfloat16"`` for M = 49."""
+    values = [f"{name}={_rounded(name, value)}" for name, value in zip(key_names, key)]
     return ",".join(values + [str(dtype) for dtype in key[len(key_names):]])
 
 
