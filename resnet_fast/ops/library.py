@@ -47,11 +47,9 @@ from resnet_fast import backends
 from resnet_fast.ops import layout, reference, transformable
 from resnet_fast.ops.layout import activation_format, conv_output_size
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, bn_scale_shift, statistics_dtype, stem_sizes
+from resnet_fast.ops.transformable import CHANNEL, REDUCE
 
 __all__ = ["add_relu", "batch_norm_act", "batch_norm_act_backward", "conv_bn_act", "stem"]
-
-_REDUCE = (0, 2, 3)
-_CHANNEL = (1, -1, 1, 1)
 
 # op -> the op's backward as a torch.autograd.Function around a kernel given as its last input (see call).
 _EAGER_AUTOGRAD: dict[str, type[torch.autograd.Function]] = {}
@@ -124,21 +122,21 @@ def _conv_bn_act_backward(ctx, grad):
     g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
     grads: list[torch.Tensor | None] = [None] * len(need)
     grads[12] = g if need[12] else None
-    sum_g = g.sum(dim=_REDUCE, dtype=acc) if any(need[2:7]) else None
+    sum_g = g.sum(dim=REDUCE, dtype=acc) if any(need[2:7]) else None
     grad_conv = g
     if running_var is None:
         grads[2] = sum_g if need[2] else None
     else:
         scale, _ = bn_scale_shift(None, bn_weight, None, running_mean, running_var, ctx.eps, acc)
-        grad_conv = (g * scale.view(_CHANNEL)).to(g.dtype)
+        grad_conv = (g * scale.view(CHANNEL)).to(g.dtype)
         grads[2] = sum_g * scale if need[2] else None
         grads[4] = sum_g if need[4] else None
         grads[5] = -sum_g * scale if need[5] else None
         if need[3] or need[6]:
             # The BatchNorm's input, conv(x) + bias - mean, recomputed rather than kept from the forward.
             centred = torch.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-            centred = centred.to(acc) - running_mean.to(acc).view(_CHANNEL)
-            sum_gc = (g.to(acc) * centred).sum(dim=_REDUCE)
+            centred = centred.to(acc) - running_mean.to(acc).view(CHANNEL)
+            sum_gc = (g.to(acc) * centred).sum(dim=REDUCE)
             invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
             grads[3] = sum_gc * invstd if need[3] else None
             gamma = bn_weight.to(acc) if bn_weight is not None else 1.0

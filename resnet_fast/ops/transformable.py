@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from resnet_fast.ops import reference
 
-_REDUCE = (0, 2, 3)
-_CHANNEL = (1, -1, 1, 1)
+# The dimensions a per-channel statistic reduces over, and the view that broadcasts it (NCHW); the
+# library's formulas use these too.
+REDUCE = (0, 2, 3)
+CHANNEL = (1, -1, 1, 1)
 
 
 def _residual_relu(out: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
@@ -44,7 +46,7 @@ def batch_stats(x):
     compute = reference.statistics_dtype(x)
     if reference.values_per_channel(x) == 0:
         return reference.batch_stats(x)
-    var, mean = torch.var_mean(x.to(compute), dim=_REDUCE, correction=0)
+    var, mean = torch.var_mean(x.to(compute), dim=REDUCE, correction=0)
     return mean, var
 
 
@@ -66,11 +68,11 @@ def batch_norm_act(x, weight, bias, mean, var, eps, training, residual, relu):
     # (here x's own when training); in the statistics' dtype, as torch's kernel computes.
     compute = reference.statistics_dtype(x)
     mean, var = mean.to(compute), var.to(compute)
-    out = (x.to(compute) - mean.view(_CHANNEL)) * torch.rsqrt(var + eps).view(_CHANNEL)
+    out = (x.to(compute) - mean.view(CHANNEL)) * torch.rsqrt(var + eps).view(CHANNEL)
     if weight is not None:
-        out = out * weight.to(compute).view(_CHANNEL)
+        out = out * weight.to(compute).view(CHANNEL)
     if bias is not None:
-        out = out + bias.to(compute).view(_CHANNEL)
+        out = out + bias.to(compute).view(CHANNEL)
     return _residual_relu(out.to(x.dtype), residual, relu)
 
 
