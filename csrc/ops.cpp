@@ -92,6 +92,11 @@ at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
   return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
 }
 
+// `t` with the strides of `like` (a dense tensor of t's shape): t itself if it has them, else a copy.
+at::Tensor like_strides(const at::Tensor& t, const at::Tensor& like) {
+  return t.strides() == like.strides() ? t : at::empty_like(like).copy_(t);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch sizing.
 int sm_count() {
@@ -119,8 +124,11 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// add_relu. x and y with the same strides, contiguous or channels_last-contiguous, are processed as
-// flat arrays and the output gets the same strides; otherwise both are copied to pick_format(x).
+// add_relu. The output is at::empty_like(x) for every input layout, which is what the op's fake
+// implementation returns (resnet_fast/ops/library.py): x's strides when x is dense and
+// non-overlapping, else its suggested memory format. x and y are brought to the output's strides
+// (no copy when they already have them), so the three tensors share one dense layout and the kernel
+// processes them as flat arrays.
 at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& y) {
   check_cuda(x, "add_relu", "x");
   check_cuda(y, "add_relu", "y");
@@ -131,20 +139,11 @@ at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& y) {
   TORCH_CHECK(is_supported_dtype(x.scalar_type()), "add_relu: unsupported dtype ", x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
 
-  at::Tensor xc, yc, out;
-  const bool dense = x.is_contiguous() || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast));
-  if (dense && x.strides() == y.strides()) {
-    xc = x;
-    yc = y;
-    out = at::empty_like(x);  // dense input: same strides
-  } else {
-    const at::MemoryFormat fmt = pick_format(x);
-    xc = in_format(x, fmt);
-    yc = in_format(y, fmt);
-    out = at::empty(x.sizes(), x.options().memory_format(fmt));
-  }
+  at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel();
   if (numel == 0) return out;
+  const at::Tensor xc = like_strides(x, out);
+  const at::Tensor yc = like_strides(y, out);
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   RF_DISPATCH(x.scalar_type(), "add_relu", [&] {
@@ -198,18 +197,26 @@ unsigned int elementwise_blocks(const BnGeometry& g, bool vectorized, int vec) {
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
-// A per-channel tensor as a contiguous float32 [C] tensor, the form the kernels index.
-at::Tensor channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t C, const char* op, const char* name) {
+// Argument validation. Every op checks all of its arguments before it constructs its CUDAGuard or
+// runs anything on a tensor (conversions, copies, launches): a refused call then only reads metadata
+// (sizes, strides, devices, dtypes) and unwinds through nothing but the check itself.
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A per-channel tensor: [C], on x's device (the kernels index it with x's channel).
+void check_channel(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor of shape [", C, "], got an undefined tensor");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape [", C, "], got ", t.sizes());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
-  return t.to(at::kFloat).contiguous();
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be a floating-point tensor, got ", t.scalar_type());
 }
 
-// An optional per-channel parameter (weight, bias) likewise; undefined if absent.
-at::Tensor channel_param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t C, const char* op,
-                         const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  return channel_vector(*t, x, C, op, name);
+// An activation-shaped tensor (residual, grad_out, out): x's shape, dtype and device.
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
 }
 
 void check_input(const at::Tensor& x, const char* op) {
@@ -219,6 +226,12 @@ void check_input(const at::Tensor& x, const char* op) {
               " (expected float32, float16 or bfloat16)");
   TORCH_CHECK(x.size(1) <= 2147483647LL, op, ": too many channels");
 }
+
+// A checked per-channel tensor as a contiguous float32 [C] tensor, the form the kernels index.
+at::Tensor channel_vector(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// An optional per-channel parameter (weight, bias) likewise; undefined if absent.
+at::Tensor channel_param(const std::optional<at::Tensor>& t) { return present(t) ? channel_vector(*t) : at::Tensor(); }
 
 // Batch mean and biased variance of xc (contiguous in the geometry's layout) into float32 [C] outputs.
 void run_stats(const at::Tensor& xc, const BnGeometry& g, float* mean_out, float* var_out) {
@@ -238,11 +251,11 @@ void run_stats(const at::Tensor& xc, const BnGeometry& g, float* mean_out, float
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
   check_input(x, "bn_stats");
+  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) > 0, "bn_stats: x has no elements per channel");
   c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = pick_format(x);
   const at::Tensor xc = in_format(x, fmt);
   const BnGeometry g = geometry_of(xc, fmt);
-  TORCH_CHECK(g.M > 0, "bn_stats: x has no elements per channel");
   at::Tensor mean = at::empty({g.C}, x.options().dtype(at::kFloat));
   at::Tensor var = at::empty({g.C}, x.options().dtype(at::kFloat));
   if (g.C == 0) return {mean, var};
@@ -256,24 +269,21 @@ at::Tensor bn_act_cuda(const at::Tensor& x, const std::optional<at::Tensor>& wei
                        const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
                        double eps, const std::optional<at::Tensor>& residual, bool relu) {
   check_input(x, "bn_act");
+  check_channel(mean, x, "bn_act", "mean");
+  check_channel(var, x, "bn_act", "var");
+  if (present(weight)) check_channel(*weight, x, "bn_act", "weight");
+  if (present(bias)) check_channel(*bias, x, "bn_act", "bias");
+  if (present(residual)) check_like_x(*residual, x, "bn_act", "residual");
+
   c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = pick_format(x);
   const at::Tensor xc = in_format(x, fmt);
   const BnGeometry g = geometry_of(xc, fmt);
-  const at::Tensor mean_f = channel_vector(mean, x, g.C, "bn_act", "mean");
-  const at::Tensor invstd = channel_vector(var, x, g.C, "bn_act", "var").add(eps).sqrt().reciprocal();
-  const at::Tensor w = channel_param(weight, x, g.C, "bn_act", "weight");
-  const at::Tensor b = channel_param(bias, x, g.C, "bn_act", "bias");
-  at::Tensor rc;
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == x.sizes(), "bn_act: residual must have x's shape ", x.sizes(), ", got ",
-                residual->sizes());
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "bn_act: residual must have x's dtype ",
-                x.scalar_type(), ", got ", residual->scalar_type());
-    TORCH_CHECK(residual->device() == x.device(), "bn_act: residual must be on x's device ", x.device(), ", got ",
-                residual->device());
-    rc = in_format(*residual, fmt);
-  }
+  const at::Tensor mean_f = channel_vector(mean);
+  const at::Tensor invstd = channel_vector(var).add(eps).sqrt().reciprocal();
+  const at::Tensor w = channel_param(weight);
+  const at::Tensor b = channel_param(bias);
+  const at::Tensor rc = present(residual) ? in_format(*residual, fmt) : at::Tensor();
   at::Tensor out = at::empty_like(xc);
   if (xc.numel() == 0) return out;
 
@@ -295,22 +305,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const std::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, bool relu, bool residual_grad) {
   check_input(x, "bn_act_backward");
-  check_cuda(grad_out, "bn_act_backward", "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && out.sizes() == x.sizes(),
-              "bn_act_backward: grad_out and out must have x's shape");
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-              "bn_act_backward: grad_out and out must have x's dtype");
+  check_like_x(grad_out, x, "bn_act_backward", "grad_out");
+  check_like_x(out, x, "bn_act_backward", "out");
+  check_channel(save_mean, x, "bn_act_backward", "save_mean");
+  check_channel(save_invstd, x, "bn_act_backward", "save_invstd");
+  if (present(weight)) check_channel(*weight, x, "bn_act_backward", "weight");
+
   c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = pick_format(x);
   const at::Tensor xc = in_format(x, fmt);
   const at::Tensor dyc = in_format(grad_out, fmt);
   const at::Tensor outc = in_format(out, fmt);
   const BnGeometry g = geometry_of(xc, fmt);
-  TORCH_CHECK(save_mean.numel() == g.C && save_invstd.numel() == g.C,
-              "bn_act_backward: save_mean and save_invstd must have C elements");
-  const at::Tensor mean = save_mean.to(at::kFloat).contiguous();
-  const at::Tensor invstd = save_invstd.to(at::kFloat).contiguous();
-  const at::Tensor w = channel_param(weight, x, g.C, "bn_act_backward", "weight");
+  const at::Tensor mean = channel_vector(save_mean);
+  const at::Tensor invstd = channel_vector(save_invstd);
+  const at::Tensor w = channel_param(weight);
 
   const auto fopt = x.options().dtype(at::kFloat);
   at::Tensor grad_x = at::empty_like(xc);

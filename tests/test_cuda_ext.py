@@ -149,6 +149,56 @@ def test_ops_have_no_cpu_kernel():
         torch.ops.resnet_fast_cuda.add_relu(torch.ones(3), torch.ones(3))
 
 
+class _Labelled(torch.Tensor):
+    """A CUDA tensor's metadata (shape, dtype, device) without data: the kernel ops receive it as is (its
+    ``__torch_dispatch__`` steps aside), so their argument checks run on a machine without a GPU too, and
+    any data access or device call made before a check fails instead of passing unnoticed."""
+
+    @staticmethod
+    def __new__(cls, *size, dtype=torch.float32):
+        return torch.Tensor._make_wrapper_subclass(cls, size, dtype=dtype, device="cuda:0")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        with torch._C._DisableTorchDispatch():
+            return func(*args, **(kwargs or {}))
+
+
+_CHANNEL_ARGS = ("weight", "bias", "mean", "var")
+
+
+@pytest.mark.parametrize("argument", _CHANNEL_ARGS)
+def test_bn_act_refuses_bad_arguments_before_touching_the_gpu(argument):
+    """The compiled bn_act validates every argument before its CUDAGuard and before any tensor work:
+    on the GPU (torch 2.11) a refused per-channel argument crashed the process instead of raising."""
+    _library_or_skip()
+    x = _Labelled(2, 4, 3, 3)
+    for bad, message in [(_Labelled(5), r"must have shape \[4\], got \[5\]"), (_Labelled(2, 2), r"must have shape \[4\]"),
+                         (torch.ones(4), "must be on x's device cuda:0, got cpu")]:
+        args = {name: _Labelled(4) for name in _CHANNEL_ARGS} | {argument: bad}
+        with pytest.raises(RuntimeError, match=f"bn_act: {argument} {message}"):
+            torch.ops.resnet_fast_cuda.bn_act(x, args["weight"], args["bias"], args["mean"], args["var"], 1e-5, None,
+                                              True)
+    for residual, message in [(_Labelled(2, 4, 3, 2), "have x's shape"), (_Labelled(2, 4, 3, 3, dtype=torch.half),
+                              "have x's dtype"), (torch.ones(2, 4, 3, 3), "be on x's device")]:
+        with pytest.raises(RuntimeError, match=f"bn_act: residual must {message}"):
+            torch.ops.resnet_fast_cuda.bn_act(x, None, None, _Labelled(4), _Labelled(4), 1e-5, residual, False)
+
+
+def test_bn_backward_and_stats_refuse_bad_arguments_before_touching_the_gpu():
+    _library_or_skip()
+    x, c = _Labelled(2, 4, 3, 3), _Labelled(4)
+    for args, message in [((x, x, x, None, torch.zeros(4), c), "save_mean must be on x's device"),
+                          ((x, x, x, None, c, _Labelled(5)), r"save_invstd must have shape \[4\]"),
+                          ((x, x, _Labelled(2, 4, 3, 2), None, c, c), "out must have x's shape"),
+                          ((torch.ones(2, 4, 3, 3), x, x, None, c, c), "grad_out must be on x's device"),
+                          ((x, x, x, _Labelled(3), c, c), r"weight must have shape \[4\]")]:
+        with pytest.raises(RuntimeError, match=f"bn_act_backward: {message}"):
+            torch.ops.resnet_fast_cuda.bn_act_backward(*args, True, True, True)
+    with pytest.raises(RuntimeError, match="bn_stats: x has no elements per channel"):
+        torch.ops.resnet_fast_cuda.bn_stats(_Labelled(0, 4, 3, 3))
+
+
 # ================================================================================================
 # Ground truth: torch's own batch norm in float64, differentiable, updating running statistics.
 def torch_bn_act(x, w, b, rm, rv, training, momentum, eps, res, relu):
@@ -280,7 +330,7 @@ def _mirror_bn_stats(x):
 
 
 def _mirror_add_relu(x, y):
-    # The backend hands the kernel inputs with empty_like(x)'s strides, which the kernel keeps.
+    # The kernel op's layout rule (ops.cpp): empty_like(x), whatever the inputs' strides.
     v = x.float() + y.float()
     return torch.empty_like(x).copy_(torch.where(v < 0, torch.zeros_like(v), v))
 
@@ -728,14 +778,10 @@ def _aligned(*ts):
 
 
 def _emu_add_relu(lib, x, y, blocks):
-    """add_relu_cuda (ops.cpp) on the emulated kernel."""
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    if dense and x.stride() == y.stride():
-        xc, yc, out = x, y, torch.empty_like(x)
-    else:
-        fmt = activation_format(x)
-        xc, yc = x.contiguous(memory_format=fmt), y.contiguous(memory_format=fmt)
-        out = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    """add_relu_cuda (ops.cpp) on the emulated kernel: the output is empty_like(x), and x and y are
+    brought to its strides (like_strides)."""
+    out = torch.empty_like(x)
+    xc, yc = (t if t.stride() == out.stride() else torch.empty_like(out).copy_(t) for t in (x, y))
     vec = _aligned(xc, yc, out)
     lib.emu_add_relu(_DT[x.dtype], _ptr(xc), _ptr(yc), _ptr(out), x.numel(), int(vec), blocks)
     return out, vec
@@ -815,21 +861,24 @@ def _emu_add_relu_inputs(case, dtype):
         return mk(3, 4, 5, 9)[..., 2:7], mk(3, 4, 5, 9)[..., :5]
     if case == "mixed":
         return mk(2, 6, 3, 5).to(memory_format=torch.channels_last), mk(2, 6, 3, 5)
+    if case == "expanded":
+        return mk(2, 6, 3, 5), mk(1, 6, 1, 1).expand(2, 6, 3, 5)
+    if case == "transposed":  # dense but neither contiguous nor channels_last: empty_like keeps its strides
+        return mk(40, 33).t(), mk(40, 33).t()
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("case", ["numel1", "numel7", "numel33", "numel1031", "channels_last", "misaligned", "sliced",
-                                  "mixed"])
+                                  "mixed", "expanded", "transposed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_add_relu_kernel(emu, dtype, case, blocks):
     x, y = _emu_add_relu_inputs(case, dtype)
     out, vec = _emu_add_relu(emu, x, y, blocks)
     assert vec == (case != "misaligned")
     torch.testing.assert_close(out, torch.relu(x + y), rtol=0, atol=0)
-    if case in ("mixed", "sliced"):  # ops.cpp's rule for inputs the backend would not send
-        assert out.is_contiguous(memory_format=activation_format(x))
-    else:
+    assert out.stride() == torch.empty_like(x).stride()  # what the op's fake says
+    if case != "sliced":  # a dense x keeps its strides
         assert out.stride() == x.stride()
 
 

@@ -3,7 +3,7 @@
 Kernel entry points (schemas in ``csrc/ops.cpp``), called by this backend's implementations of the
 library ops (:mod:`resnet_fast.ops.library`, which own the fake implementations and the backward):
 
-* ``add_relu(x, y)``: ``relu(x + y)``, 16-byte vectorised.
+* ``add_relu(x, y)``: ``relu(x + y)``, 16-byte vectorised, in ``empty_like(x)``'s layout.
 * ``bn_stats(x) -> (mean, var)``: per-channel batch statistics (float32, biased variance), Welford.
 * ``bn_act(x, weight, bias, mean, var, eps, residual, relu) -> out``:
   ``relu?((x - mean) * rsqrt(var + eps) * weight + bias + residual)`` with the statistics given (the
@@ -27,7 +27,6 @@ import torch
 
 from resnet_fast.backends import BackendUnavailable, Unsupported, cuda_build, register_backend
 from resnet_fast.backends.cuda_build import CSRC, SOURCES  # noqa: F401  (the sources' names and the checkout's csrc/)
-from resnet_fast.ops.layout import like_layout
 
 __all__ = ["OPS", "SOURCES", "add_relu", "batch_norm_act", "batch_norm_act_backward", "batch_stats", "load_library"]
 
@@ -85,11 +84,10 @@ def _check_dtype(x: torch.Tensor, op: str) -> None:
 
 
 def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The kernel keeps dense inputs' strides; inputs are first brought to ``empty_like(x)``'s, the op's
-    output layout, so exotic layouts (permuted, broadcast) give the same strides as every backend."""
+    """The kernel op returns ``empty_like(x)``'s layout, the library op's, for any input layout (it
+    brings x and y to those strides itself)."""
     _check_dtype(x, "add_relu")
-    like = torch.empty_like(x)
-    return torch.ops.resnet_fast_cuda.add_relu(like_layout(x, like), like_layout(y, like))
+    return torch.ops.resnet_fast_cuda.add_relu(x, y)
 
 
 def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
