@@ -3,6 +3,7 @@ validation errors, and the backend registry."""
 import copy
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -414,6 +415,30 @@ def fake_backend():
     yield calls
     backends.unregister_backend("fake")
     backends.unregister_backend("broken")
+
+
+def test_a_backward_on_another_thread_dispatches_as_its_forward_did():
+    """Autograd runs the backward of CUDA tensors on its own device thread, which sees none of the
+    caller's contextvars (backend selection, strict mode, dispatch recorder): the ops' backward restores
+    the forward's. A fresh thread stands in for the device thread here."""
+    probe = {"batch_stats": reference.batch_stats, "batch_norm_act": reference.batch_norm_act,
+             "batch_norm_act_backward": reference.batch_norm_act_backward}
+    backends.register_backend("probe", lambda: probe, priority=-1, supports_device=lambda d: True,
+                              auto_select=lambda d: False)
+    try:
+        x, w = torch.randn(2, 3, 4, 4, requires_grad=True), torch.rand(3, requires_grad=True) + 0.5
+        with resnet_fast.backend("probe", strict=True), backends.record_dispatch() as calls:
+            out = ops.batch_norm_act(x, w, torch.zeros(3), torch.zeros(3), torch.ones(3), training=True,
+                                     momentum=0.1, eps=1e-5)
+            grads = []
+            worker = threading.Thread(target=lambda: grads.extend(torch.autograd.grad(out, [x, w],
+                                                                                      torch.randn_like(out))))
+            worker.start()
+            worker.join()
+        assert len(grads) == 2
+        assert calls[("batch_norm_act_backward", "probe")] == 1, dict(calls)
+    finally:
+        backends.unregister_backend("probe")
 
 
 def _conv(groups=1, relu=True):

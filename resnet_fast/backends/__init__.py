@@ -305,6 +305,25 @@ def record_dispatch() -> contextlib.AbstractContextManager[collections.Counter]:
     return counting(_recording)
 
 
+def dispatch_state() -> tuple:
+    """The current selection and :func:`record_dispatch` counter, for :func:`dispatching` to restore
+    where a backward runs: autograd runs the backward of CUDA tensors on its own device threads, which
+    do not see the contextvars of the thread that ran the forward."""
+    return _selection.get(), _recording.get()
+
+
+@contextlib.contextmanager
+def dispatching(state: tuple) -> Iterator[None]:
+    """Runs the block under a :func:`dispatch_state` taken earlier (in the forward)."""
+    selection, recording = state
+    tokens = _selection.set(selection), _recording.set(recording)
+    try:
+        yield
+    finally:
+        _recording.reset(tokens[1])
+        _selection.reset(tokens[0])
+
+
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None if backend ``name`` loads and runs on ``device``; otherwise why not."""
     _check_name(name)

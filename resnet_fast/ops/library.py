@@ -60,19 +60,29 @@ def _register_autograd(op: str, backward: Callable, setup_context: Callable) -> 
     ``torch.autograd.Function`` whose forward is the kernel passed after the op's arguments: eager mode
     records that instead of dispatching the op (:func:`call`), so both run one backward."""
 
+    # The backward dispatches its kernels under the forward's backend selection and dispatch recorder:
+    # on CUDA it runs on an autograd device thread, where the caller's contextvars are not set.
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.dispatch_state = backends.dispatch_state()
+
+    def backward_in_forward_state(ctx, *grads):
+        with backends.dispatching(ctx.dispatch_state):
+            return backward(ctx, *grads)
+
     # A forward taking ctx (rather than a separate setup_context): Function.apply then skips binding its
     # arguments to the forward's signature, which costs more (inspect.signature) than a small op.
     def forward(ctx, *args):
         inputs, kernel = args[:-1], args[-1]
         output = kernel(*inputs)
-        setup_context(ctx, inputs, output)
+        setup(ctx, inputs, output)
         return output
 
     def run_backward(ctx, *grads):
-        grads = backward(ctx, *grads)
+        grads = backward_in_forward_state(ctx, *grads)
         return (*(grads if isinstance(grads, tuple) else (grads,)), None)
 
-    register_autograd(f"resnet_fast::{op}", backward, setup_context=setup_context)
+    register_autograd(f"resnet_fast::{op}", backward_in_forward_state, setup_context=setup)
     methods = dict(forward=staticmethod(forward), backward=staticmethod(run_backward))
     _EAGER_AUTOGRAD[op] = type(f"resnet_fast_{op}", (torch.autograd.Function,), methods)
 
