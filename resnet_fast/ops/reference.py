@@ -202,8 +202,11 @@ def batch_norm_act_backward(
     if x.numel() == 0:  # torch's CPU kernel divides by the batch size (SIGFPE)
         zeros = mean.new_zeros(mean.shape)
         return torch.empty_like(x, memory_format=fmt), zeros, zeros.clone(), grad_residual
-    # Batch statistics as torch's kernel saves them; fixed ones as running statistics.
-    stats = (None, None, mean, torch.rsqrt(var + eps)) if training else (mean, var, None, None)
+    # The statistics as torch's kernel saves them, and fixed ones also as running statistics: torch's CUDA
+    # backward requires the saved ones in eval mode too (an internal assert in torch 2.11's channels-last
+    # path: "save_mean should always be defined"), its CPU one reads the running ones.
+    save = (mean, torch.rsqrt(var + eps))
+    stats = (None, None, *save) if training else (mean, var, *save)
     grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
         g, x, weight, *stats, training, eps, [True, True, True]
     )
