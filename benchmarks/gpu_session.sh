@@ -19,7 +19,7 @@
 #                 H200), then warm (a second process: 0.6 s)
 #   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
 #   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
-#   TESTS="tests/test_tuning.py -k gather" bash benchmarks/gpu_session.sh tests   # a rerun of some tests
+#   TESTS=tests/test_tuning.py TESTS_K=gather bash benchmarks/gpu_session.sh tests   # a rerun of some tests
 #   LIMIT_TESTS=120 BENCH_K_MODELS="resnet50 and not compile" bash benchmarks/gpu_session.sh   # a shorter lease
 #
 # Results, at most 8 files, in $OUT (or ./gpu-out): summary.txt (device, versions, each phase's status
@@ -96,8 +96,10 @@ tests() {
   local parallel=()
   python3 -c "import xdist" 2>/dev/null && parallel=(-n "$workers")
   # shellcheck disable=SC2086  # TESTS is a list of words
+  # The CPU builds of the extension (emulated kernels, the mirror backend) are CI's, not the GPU's.
   TRITON_CACHE_DIR="$work/triton-tests" RESNET_FAST_AUTOTUNE=0 python3 -m pytest ${TESTS:-$gpu_tests} "${parallel[@]}" -q -ra \
-    -p no:cacheprovider -m "not slow" --ignore=tests/test_packaging.py --ignore=tests/test_cmake_build.py \
+    -p no:cacheprovider -m "not slow" -k "${TESTS_K-not emulated and not mirror}" \
+    --ignore=tests/test_packaging.py --ignore=tests/test_cmake_build.py \
     --durations=25 --junitxml="$logs/tests.xml"
 }
 export -f tests
