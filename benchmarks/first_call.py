@@ -74,11 +74,11 @@ def run_case(case: str, work: pathlib.Path, arch: str, batch: int, size: int, dt
         shutil.rmtree(tuning_cache, ignore_errors=True)
     env = {**os.environ, "TRITON_CACHE_DIR": str(triton_cache), "RESNET_FAST_TUNING_CACHE": str(tuning_cache)}
     env.pop("RESNET_FAST_AUTOTUNE", None)
-    if case == "table" and any(tuned_dir.glob("*.json")):
-        env["RESNET_FAST_TUNED_DIR"] = str(tuned_dir)  # else the package's committed tables
-    elif case != "table":  # cold and warm: no committed table either
+    if case != "table":  # cold and warm: no committed table either
         (work / "no-table").mkdir(parents=True, exist_ok=True)
         env["RESNET_FAST_TUNED_DIR"] = str(work / "no-table")
+    elif any(tuned_dir.glob("*.json")):  # cold's choices; else the package's committed tables
+        env["RESNET_FAST_TUNED_DIR"] = str(tuned_dir)
     before = _files(triton_cache)
     done = subprocess.run([sys.executable, "-c", _CHILD, arch, str(batch), str(size), dtype], env=env,
                           capture_output=True, text=True)
