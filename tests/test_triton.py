@@ -247,7 +247,7 @@ _GATHER_CASES = {
 
 def _gather_spec(arch: int, dtype: str, kh: int, flat: bool, bm: int, bn: int, bk: int, stages: int, warps: int,
                  split: int = 1) -> dict:
-    jit = conv_kernels._conv_gather_kernel.fn
+    jit = conv_kernels._conv_gather_kernel
     types = {n: "*fp32" if n in ("bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr", "ws_ptr") else "*" + dtype
              for n in jit.arg_names if n.endswith("_ptr")}
     return dict(

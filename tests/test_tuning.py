@@ -179,11 +179,7 @@ def tuned_on_cpu(monkeypatch, tmp_path):
 
         def new_process(self) -> Launcher:
             tuning._committed.cache_clear()
-            old = conv_gather._launch
-            launcher = Launcher(old.kernel, family=old.family, configs=old.configs, key=old.key, prune=old.prune,
-                                fixed=old.fixed, interpreter=old.interpreter)
-            launcher.autotuner = triton.autotune(old.configs, key=old.key, do_bench=cpu_timer,
-                                                 prune_configs_by={"early_config_prune": old.prune})(old.kernel)
+            launcher = conv_gather._launch.with_timer(cpu_timer)
             monkeypatch.setattr(conv_gather, "_launch", launcher)
             timed.clear()
             return launcher
@@ -332,10 +328,9 @@ def test_a_second_process_times_nothing_gpu(tmp_path):
     script = (
         "import torch, resnet_fast, triton, triton.testing\n"
         "from resnet_fast.kernels import conv_gather\n"
-        "timed, old = [], conv_gather._launch\n"
+        "timed = []\n"
         "bench = lambda f, quantiles: timed.append(1) or triton.testing.do_bench(f, quantiles=quantiles)\n"
-        "old.autotuner = triton.autotune(old.configs, key=old.key, do_bench=bench,\n"
-        "                                prune_configs_by={'early_config_prune': old.prune})(old.kernel)\n"
+        "conv_gather._launch = conv_gather._launch.with_timer(bench)\n"
         "m = resnet_fast.resnet18().eval().cuda().to(memory_format=torch.channels_last).half()\n"
         "with torch.no_grad(), resnet_fast.backend('triton'):\n"
         "    m(torch.randn(2, 3, 64, 64, device='cuda').half())\n"

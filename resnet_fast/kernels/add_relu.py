@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resnet_fast.kernels.conv_common import cdiv
 from resnet_fast.ops.layout import like_layout
 
 # 16-byte vector loads need BLOCK / (32 * num_warps) >= 8 contiguous 16-bit elements per thread.
@@ -35,5 +36,5 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return out
     x, y = like_layout(x, out), like_layout(y, out)
     with torch.cuda.device_of(x):  # Triton launches on the current CUDA device, not the tensors' one
-        _add_relu_kernel[(triton.cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        _add_relu_kernel[(cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out

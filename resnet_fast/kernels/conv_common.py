@@ -5,8 +5,9 @@
   (one fixed config per family instead of timing candidates on the first call per shape).
 * :func:`accumulate`, the main loop's ``acc += a @ b`` with that upcast; :func:`grouped_tile`, the tile
   order that keeps a weight column tile in L2 while ``GROUP_M`` row tiles use it.
-* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector` and :func:`configured`, which
-  makes a family's :class:`Launcher`: autotuned on a GPU (choices kept across processes by
+* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector`, the integer helpers
+  :func:`cdiv` and :func:`next_power_of_2`, and :func:`configured`, which makes a family's
+  :class:`Launcher`: autotuned on a GPU (choices kept across processes by
   :mod:`resnet_fast.kernels.tuning`), a fixed config otherwise, or a config a test pins.
 * For the tensor-descriptor (TMA) families: the NHWC views their descriptors address (:func:`nhwc`,
   :func:`weight_matrix`) and :func:`descriptor_unsupported_reason`, what every such family requires.
@@ -27,8 +28,8 @@ from resnet_fast.kernels import tuning
 
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
-    "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
-    "float32_unsupported_reason", "grouped_tile", "nhwc", "set_output_boxes", "tile_config",
+    "cdiv", "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
+    "float32_unsupported_reason", "grouped_tile", "next_power_of_2", "nhwc", "set_output_boxes", "tile_config",
     "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
@@ -108,6 +109,19 @@ def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions (triton 3.6
+# and 3.8), about 2 us a call on the host, and a launch makes several: at batch 1 that is a sixth of a
+# convolution's host time (benchmarks/triton_host_cost.py).
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """The ``UPCAST`` argument of :func:`accumulate` for operands of this dtype."""
     return {"UPCAST": INTERPRET and dtype == torch.bfloat16}
@@ -130,17 +144,29 @@ class Launcher:
     5. Triton's autotuner over those candidates; its choice is added to the cache.
 
     A config's ``pre_hook`` (e.g. setting tensor descriptors' block shapes) runs before every launch with
-    that config; ``grid_for`` gets the launch's keyword arguments and the config's.
+    that config; ``grid_for`` gets the launch's keyword arguments and the config's. ``heuristics`` (name ->
+    function of the same) derives meta-parameters from them, as ``@triton.heuristics`` would; the launcher
+    computes them itself, because Triton's wrapper rebuilds the argument dict for each one at every launch.
+    ``do_bench`` replaces the autotuner's timer (:meth:`with_timer`).
     """
 
     def __init__(self, kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
-                 prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config):
+                 prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config,
+                 heuristics: dict[str, Callable[[dict], object]], do_bench: Callable | None = None):
         self.kernel, self.family, self.configs, self.key, self.prune = kernel, family, configs, key, prune
-        self.fixed, self.interpreter = fixed, interpreter
-        self.autotuner = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        self.fixed, self.interpreter, self.heuristics = fixed, interpreter, heuristics
+        tuned = triton.heuristics(heuristics)(kernel) if heuristics else kernel
+        self.autotuner = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                         do_bench=do_bench)(tuned)
         self._chosen: dict[tuple, triton.Config] = {}  # (device index, autotune key) -> config
         self._pinned: contextvars.ContextVar[triton.Config | None] = contextvars.ContextVar(
             f"resnet_fast_pinned_{family}", default=None)
+
+    def with_timer(self, do_bench: Callable) -> "Launcher":
+        """A fresh launcher for the same kernel (nothing chosen yet) whose autotuner times candidates with
+        ``do_bench`` (tests count the timings, or fake them on a CPU)."""
+        return Launcher(self.kernel, family=self.family, configs=self.configs, key=self.key, prune=self.prune,
+                        fixed=self.fixed, interpreter=self.interpreter, heuristics=self.heuristics, do_bench=do_bench)
 
     @contextlib.contextmanager
     def pinned(self, config: triton.Config) -> Iterator[None]:
@@ -153,7 +179,8 @@ class Launcher:
             self._pinned.reset(token)
 
     def __call__(self, grid_for: Callable[[dict], tuple[int, ...]], *args, **kwargs) -> None:
-        nargs = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+        nargs = dict(zip(self.kernel.arg_names, args))
+        nargs.update(kwargs)
         config = self._pinned.get()
         if config is not None:
             if config not in self.prune(self.configs, nargs):
@@ -164,11 +191,12 @@ class Launcher:
             config = self._choose(grid_for, nargs, args, kwargs)
             if config is None:  # the autotuner has launched it
                 return
-        meta = {**nargs, **config.kwargs}
+        nargs.update(config.kwargs)
+        derived = {name: rule(nargs) for name, rule in self.heuristics.items()}
         if config.pre_hook is not None:
-            config.pre_hook(meta)
-        self.kernel[grid_for(meta)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
+            config.pre_hook(nargs)
+        self.kernel[grid_for(nargs)](*args, **kwargs, **derived, **config.kwargs, num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
 
     def _choose(self, grid_for, nargs: dict, args: tuple, kwargs: dict) -> triton.Config | None:
         """Steps 3-5 of the class docstring: the config to launch, or None where the autotuner has just
@@ -199,12 +227,14 @@ class Launcher:
 
 
 def configured(kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
-               prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config) -> Launcher:
+               prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config,
+               heuristics: dict[str, Callable[[dict], object]] | None = None) -> Launcher:
     """The :class:`Launcher` of ``kernel``: autotuned over ``configs`` (as ``prune`` keeps them for each
     call, keyed by the arguments named in ``key`` and the tensors' dtypes) on a GPU, ``fixed`` with
-    ``RESNET_FAST_AUTOTUNE=0`` and ``interpreter`` under the interpreter. ``family`` names the kernel in
-    the tuning tables."""
-    return Launcher(kernel, family=family, configs=configs, key=key, prune=prune, fixed=fixed, interpreter=interpreter)
+    ``RESNET_FAST_AUTOTUNE=0`` and ``interpreter`` under the interpreter, with the meta-parameters that
+    ``heuristics`` derives. ``family`` names the kernel in the tuning tables."""
+    return Launcher(kernel, family=family, configs=configs, key=key, prune=prune, fixed=fixed,
+                    interpreter=interpreter, heuristics=heuristics or {})
 
 
 # ------------------------------------------------------------------------- tensor descriptors (TMA)

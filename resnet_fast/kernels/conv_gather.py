@@ -23,7 +23,8 @@ import triton.language as tl
 
 from resnet_fast.backends import Unsupported
 from resnet_fast.kernels.conv_common import (
-    SHARED_MEMORY, accumulate, accumulators_fit, channel_vector, configured, dot_flags, grouped_tile,
+    SHARED_MEMORY, accumulate, accumulators_fit, cdiv, channel_vector, configured, dot_flags, grouped_tile,
+    next_power_of_2,
 )
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
@@ -64,8 +65,8 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     timing configs that cannot win."""
     nargs = {**nargs, **kwargs}
     itemsize = nargs["x_ptr"].element_size()
-    widest = max(32, triton.next_power_of_2(nargs["C_out"]))
-    tallest = max(16, triton.next_power_of_2(nargs["M"]))
+    widest = max(32, next_power_of_2(nargs["C_out"]))
+    tallest = max(16, next_power_of_2(nargs["M"]))
     kept = [
         c
         for c in configs
@@ -103,13 +104,6 @@ def _epilogue_store(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.heuristics(
-    {
-        # Few input channels (the 3-channel stem): flatten (r, s, c) into K so that a K block holds
-        # several taps instead of padding every tap's 3 channels to BLOCK_K.
-        "FLAT_K": lambda args: args["C_in"] < args["BLOCK_K"],
-    }
-)
 @triton.jit
 def _conv_gather_kernel(
     x_ptr, w_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, y_ptr, ws_ptr,
@@ -228,6 +222,9 @@ _launch = configured(
     prune=_prune_configs,
     fixed=_FIXED_GPU_CONFIG,
     interpreter=_INTERPRETER_CONFIG,
+    # Few input channels (the 3-channel stem): flatten (r, s, c) into K so that a K block holds several
+    # taps instead of padding every tap's 3 channels to BLOCK_K.
+    heuristics={"FLAT_K": lambda meta: meta["C_in"] < meta["BLOCK_K"]},
 )
 
 
@@ -249,7 +246,7 @@ def split_k(m: int, c_out: int, k_blocks: int, multiprocessors: int) -> int:
     tiles) up to the multiprocessor count, keeping at least 4 K blocks per split."""
     if m > _SMALL_M:
         return 1
-    tiles = triton.cdiv(m, 64) * triton.cdiv(c_out, 128)
+    tiles = cdiv(m, 64) * cdiv(c_out, 128)
     split = 1
     while (
         split < _MAX_SPLIT_K
@@ -321,11 +318,11 @@ def conv_bn_act(
         return y
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     channel = [channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)]
-    split = _split_k_for(x, m, c_out, kh * kw * triton.cdiv(c_in, 64))
+    split = _split_k_for(x, m, c_out, kh * kw * cdiv(c_in, 64))
     workspace = _workspace(split, m, c_out, x.device) if split > 1 else None
 
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_out, meta["BLOCK_N"]), split
+        return cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]), split
 
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device_of(x):
@@ -339,7 +336,7 @@ def conv_bn_act(
             KH=kh, KW=kw, RELU=relu, SPLIT_K=split, **dot_flags(x.dtype),
         )
         if split > 1:
-            reduce_grid = (triton.cdiv(m, _REDUCE_BLOCK["BLOCK_M"]), triton.cdiv(c_out, _REDUCE_BLOCK["BLOCK_N"]))
+            reduce_grid = (cdiv(m, _REDUCE_BLOCK["BLOCK_M"]), cdiv(c_out, _REDUCE_BLOCK["BLOCK_N"]))
             _split_k_reduce_kernel[reduce_grid](
                 workspace, *channel, residual, y, eps, m, c_out, h_out, w_out, *r_strides, *y.stride(),
                 RELU=relu, SPLIT_K=split, **_REDUCE_BLOCK,

@@ -72,7 +72,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     nargs = {**nargs, **kwargs}
     itemsize = nargs["y_desc"].base.element_size()
     patch = nargs["PATCH_H"] * nargs["PATCH_W"]
-    widest = max(64, triton.next_power_of_2(nargs["C_out"]))
+    widest = max(64, conv_common.next_power_of_2(nargs["C_out"]))
     images = max(nargs["N"], _MAX_PATCH // patch)
     kept = [
         c for c in configs
@@ -254,8 +254,8 @@ def conv_bn_act(
 
     def grid(meta: dict) -> tuple[int]:
         images = meta["BLOCK_M"] // (ph * pw)
-        tiles = triton.cdiv(n, images) * triton.cdiv(h_out, ph) * triton.cdiv(w_out, pw)
-        return (tiles * triton.cdiv(c_out, meta["BLOCK_N"]),)
+        tiles = conv_common.cdiv(n, images) * conv_common.cdiv(h_out, ph) * conv_common.cdiv(w_out, pw)
+        return (tiles * conv_common.cdiv(c_out, meta["BLOCK_N"]),)
 
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device_of(x):

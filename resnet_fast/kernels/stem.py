@@ -48,7 +48,7 @@ import triton.language as tl
 from resnet_fast.backends import Unsupported
 from resnet_fast.kernels import conv
 from resnet_fast.kernels.conv_common import (
-    accumulate, channel_vector, configured, dot_flags, float32_unsupported_reason,
+    accumulate, cdiv, channel_vector, configured, dot_flags, float32_unsupported_reason, next_power_of_2,
 )
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
@@ -205,10 +205,10 @@ def fused_stem(
     if y.numel() == 0:
         return y
     channel = [channel_vector(t) for t in (bias, bn_weight, bn_bias, running_mean, running_var)]
-    block_n = max(16, min(_MAX_BLOCK_N, triton.next_power_of_2(c_out)))
+    block_n = max(16, min(_MAX_BLOCK_N, next_power_of_2(c_out)))
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(h_pool, meta["ROWS"]), triton.cdiv(c_out, block_n)
+        return cdiv(m, meta["BLOCK_M"]), cdiv(h_pool, meta["ROWS"]), cdiv(c_out, block_n)
 
     with torch.cuda.device_of(x):  # Triton launches on the current CUDA device, not the tensors' one
         _launch(
