@@ -13,14 +13,18 @@
 #                 for resnet50, batch 256, bf16 on the H200); the benchmarks then reuse its caches
 #     models      the headline whole-model benchmarks (eager, compile, compile + freezing, resnet_fast),
 #                 autotuning on (shapes missing from the table are timed in their warm-up)
-#     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
+#     host        benchmarks/triton_host_cost.py --profile: the host time of each batch-1 convolution on
+#                 the Triton and torch backends, and where the Triton one goes (batch-1 eager is
+#                 launch-bound: 15.8 ms on the H200 against torchvision's 4.0 ms)
 #     main        python -m resnet_fast (resnet50, batch 256, bf16)
+#     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
 #     first-call  benchmarks/first_call.py cold (empty Triton and tuning caches, no table: 75 s on the
 #                 H200), then warm (a second process: 0.6 s)
 #   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
 #   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
 #   TESTS=tests/test_tuning.py TESTS_K=gather bash benchmarks/gpu_session.sh tests   # a rerun of some tests
 #   LIMIT_TESTS=120 BENCH_K_MODELS="resnet50 and not compile" bash benchmarks/gpu_session.sh   # a shorter lease
+#   HOST_ARGS="--shapes 4" bash benchmarks/gpu_session.sh host   # other arguments for triton_host_cost.py
 #
 # Results, at most 8 files, in $OUT (or ./gpu-out): summary.txt (device, versions, each phase's status
 # and time, the first-call table, the main job's report), logs.tar.gz (every log, the tests' JUnit XML,
@@ -40,7 +44,7 @@ export PYTHONUNBUFFERED=1
 budget=${BUDGET_S:-540}
 select=${BENCH_SELECT--m headline}
 workers=${TEST_WORKERS:-14}
-phases=" ${*:-build tests table models kernels main first-call} "
+phases=" ${*:-build tests table models host main kernels first-call} "
 # The files with GPU tests; the rest are CPU tests that CI runs.
 gpu_tests="tests/test_triton.py tests/test_cuda_ext.py tests/test_cuda_graph.py tests/test_stem.py \
 tests/test_conv_tma.py tests/test_tuning.py"
@@ -119,8 +123,10 @@ bench() {  # bench NAME FILE: one benchmark file, JSON to $out/bench-NAME.json
 }
 export -f bench
 run_phase models 180 bench models test_models.py
-run_phase kernels 120 bench kernels test_kernels.py
+# shellcheck disable=SC2086  # HOST_ARGS is a list of words
+run_phase host 60 python3 -m benchmarks.triton_host_cost ${HOST_ARGS---profile}
 run_phase main 60 python3 -m resnet_fast
+run_phase kernels 120 bench kernels test_kernels.py
 cp "$RESNET_FAST_TUNING_CACHE"/*.json "$work/" 2>/dev/null  # what was timed beyond the committed table
 run_phase first-call 150 python3 benchmarks/first_call.py --case cold --case warm --work "$work/first-call" \
   --json "$logs/first-call.json"
@@ -138,6 +144,8 @@ done
 {
   echo "--- first call (benchmarks/first_call.py)"
   cat "$logs/first-call.log" "$logs/table.log" 2>/dev/null | grep -E "^(case|cold|warm|table) " | uniq
+  echo "--- host time per batch-1 convolution (benchmarks/triton_host_cost.py)"
+  grep -E "^[0-9]+x[0-9]+s|^shape |^sum over|^driver" "$logs/host.log" 2>/dev/null
   echo "--- main job"
   tail -25 "$logs/main.log" 2>/dev/null
   echo "--- failed or erroring tests"

@@ -41,3 +41,10 @@ def test_a_phase_over_its_limit_is_cut_and_the_next_one_runs(tmp_path):
     summary = _session(tmp_path, "tests", "table", TESTS="tests/test_cuda_graph.py", LIMIT_TESTS="1")
     assert "phase tests: rc=124" in summary and "cut at its limit" in summary, summary
     assert "phase table: rc=0" in summary, summary
+
+
+def test_the_host_phase_reports_its_table(tmp_path):
+    summary = _session(tmp_path, "host", HOST_ARGS="--shapes 2 --calls 6")
+    assert "phase host: rc=0" in summary, summary
+    table = summary.split("--- host time per batch-1 convolution")[1]
+    assert "\n7x7s2-3to64-224px-relu-x1 " in table and "sum over the 2 convolutions" in table, summary
