@@ -11,58 +11,21 @@ forward's 53 convolutions.
     python3 -m benchmarks.triton_host_cost --profile   # and a cProfile of the Triton calls, by own time
 
 On a GPU the calls run for real (autotuned as usual; warm-up excluded), beside the ``"torch"`` backend's
-(cuDNN and the eager epilogue) for the same shapes. Without one, ``benchmarks/stub_libcuda.c`` is built and
-loaded as libcuda (every driver call succeeds, nothing runs), so Triton compiles each kernel for sm_90
-and its launcher runs up to the driver call: everything but the driver's own launch cost, on CPU tensors.
-There the configs are the committed H200 table's (``resnet_fast/kernels/tuned/nvidia-h200.json``) and
-split-K is decided for the H200's 132 multiprocessors, as on that GPU. Triton's kernel cache makes
-reruns quick (the first compiles about 20 kernels for sm_90).
+(cuDNN and the eager epilogue) for the same shapes. Without one, the script runs again on Triton's driver
+over a stub libcuda (:mod:`benchmarks.stub_driver`): Triton compiles each kernel for sm_90 and its
+launcher runs up to the driver call, which is everything but the driver's own launch cost, on CPU
+tensors, with the committed H200 table's configs and split-K decided for the H200's 132
+multiprocessors, as on that GPU. Triton's kernel cache makes reruns quick (the first compiles about 20
+kernels for sm_90).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import warnings
-
-STUB_SOURCE = pathlib.Path(__file__).with_name("stub_libcuda.c")
-_STUB_MARK = "RESNET_FAST_STUB_LIBCUDA"
-STUB_DEVICE = "NVIDIA H200"
-STUB_MULTIPROCESSORS = 132
-
-
-def _reexec_with_stub() -> None:
-    """Builds the stub libcuda and runs this script again with it first on the loader's path (the loader
-    reads LD_LIBRARY_PATH at process start, and Triton's driver module links libcuda.so.1)."""
-    folder = pathlib.Path(tempfile.gettempdir()) / "resnet_fast_stub_libcuda"
-    folder.mkdir(exist_ok=True)
-    library = folder / "libcuda.so.1"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(library), str(STUB_SOURCE)], check=True)
-    env = dict(os.environ, LD_LIBRARY_PATH=f"{folder}:{os.environ.get('LD_LIBRARY_PATH', '')}".rstrip(":"))
-    env[_STUB_MARK] = "1"
-    env["RESNET_FAST_TUNING_CACHE"] = str(folder / "tuning-cache")  # empty: the committed table only
-    os.execvpe(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
-
-
-def _activate_stub_driver(torch) -> None:
-    """Triton's CUDA driver over the stub, on a process whose torch has no GPU: device 0, stream 0, sm_90;
-    torch's device queries answer as the H200 the committed table was timed on."""
-    from triton.backends.nvidia.driver import CudaDriver
-    from triton.runtime import driver
-
-    stub = CudaDriver()
-    stub.get_current_device = lambda: 0
-    stub.get_current_stream = lambda device=None: 0
-    stub.get_device_capability = lambda device=0: (9, 0)
-    driver.set_active(stub)
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.get_device_name = lambda device=None: STUB_DEVICE
 
 
 def _conv_arguments(torch, shape, device) -> tuple:
@@ -102,18 +65,18 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the timed calls")
     parser.add_argument("--shapes", type=int, help="only the first N distinct shapes (a quick check)")
     args = parser.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("this times compiled kernels' launches: unset TRITON_INTERPRET")
+    from benchmarks import stub_driver
 
-    if os.environ.get(_STUB_MARK) == "1":  # torch's own CUDA runtime cannot use the stub, and says so
-        warnings.filterwarnings("ignore", message="CUDA initialization")
+    if not stub_driver.active():
+        import torch
+
+        if not torch.cuda.is_available():
+            stub_driver.main(["-m", __spec__.name, *sys.argv[1:]])  # runs this again, on the stub
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            parser.error("this times compiled kernels' launches: unset TRITON_INTERPRET")
     import torch
 
-    stub = not torch.cuda.is_available()
-    if stub and os.environ.get(_STUB_MARK) != "1":
-        _reexec_with_stub()
-    if stub:
-        _activate_stub_driver(torch)
+    stub = stub_driver.active()
     torch.set_num_threads(1)
 
     import benchmarks.bench_utils as bu
@@ -134,7 +97,7 @@ def main() -> None:
         call = _conv_arguments(torch, shape, device)
         m, k_blocks = shape.h_out**2, shape.k**2 * -(-shape.c_in // 64)
         if stub:  # the H200's split (on CPU tensors the launcher would never split)
-            split = conv_gather.split_k(m, shape.c_out, k_blocks, STUB_MULTIPROCESSORS)
+            split = conv_gather.split_k(m, shape.c_out, k_blocks, stub_driver.MULTIPROCESSORS)
         else:
             split = conv_gather._split_k_for(call[0], m, shape.c_out, k_blocks)
         cases.append((shape, call, split))
@@ -159,7 +122,7 @@ def main() -> None:
     count = sum(s.count for s in shapes)
     print(f"sum over the {count} convolutions of a batch-1 forward: "
           + ", ".join(f"{name} {total / 1e3:.2f} ms" for name, total in totals.items()))
-    driver = f"stub libcuda ({STUB_DEVICE}'s table, {STUB_MULTIPROCESSORS} multiprocessors)" if stub else \
+    driver = f"stub libcuda ({stub_driver.DEVICE}'s table, {stub_driver.MULTIPROCESSORS} multiprocessors)" if stub else \
         torch.cuda.get_device_name()
     import triton
 

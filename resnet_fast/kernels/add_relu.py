@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resnet_fast.kernels.conv_common import cdiv
+from resnet_fast.kernels.launch import DirectLaunch, cdiv
 from resnet_fast.ops.layout import like_layout
 
 # 16-byte vector loads need BLOCK / (32 * num_warps) >= 8 contiguous 16-bit elements per thread.
@@ -24,6 +24,9 @@ def _add_relu_kernel(x_ptr, y_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.maximum(x + y, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+_add_relu = DirectLaunch(_add_relu_kernel)
+
+
 def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``relu(x + y)`` for same-shape, same-dtype tensors of any rank and layout.
 
@@ -36,5 +39,5 @@ def add_relu(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return out
     x, y = like_layout(x, out), like_layout(y, out)
     with torch.cuda.device_of(x):  # Triton launches on the current CUDA device, not the tensors' one
-        _add_relu_kernel[(cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        _add_relu[(cdiv(out.numel(), _BLOCK),)](x, y, out, out.numel(), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out

@@ -5,10 +5,10 @@
   (one fixed config per family instead of timing candidates on the first call per shape).
 * :func:`accumulate`, the main loop's ``acc += a @ b`` with that upcast; :func:`grouped_tile`, the tile
   order that keeps a weight column tile in L2 while ``GROUP_M`` row tiles use it.
-* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector`, the integer helpers
-  :func:`cdiv` and :func:`next_power_of_2`, and :func:`configured`, which makes a family's
-  :class:`Launcher`: autotuned on a GPU (choices kept across processes by
-  :mod:`resnet_fast.kernels.tuning`), a fixed config otherwise, or a config a test pins.
+* Host side: :func:`float32_unsupported_reason`, :func:`channel_vector` and :func:`configured`, which
+  makes a family's :class:`Launcher`: autotuned on a GPU (choices kept across processes by
+  :mod:`resnet_fast.kernels.tuning`), a fixed config otherwise, or a config a test pins; it launches
+  through :class:`~resnet_fast.kernels.launch.DirectLaunch` where the arguments allow.
 * For the tensor-descriptor (TMA) families: the NHWC views their descriptors address (:func:`nhwc`,
   :func:`weight_matrix`) and :func:`descriptor_unsupported_reason`, what every such family requires.
 """
@@ -25,11 +25,12 @@ import triton
 import triton.language as tl
 
 from resnet_fast.kernels import tuning
+from resnet_fast.kernels.launch import DirectLaunch
 
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
-    "cdiv", "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
-    "float32_unsupported_reason", "grouped_tile", "next_power_of_2", "nhwc", "set_output_boxes", "tile_config",
+    "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
+    "float32_unsupported_reason", "grouped_tile", "nhwc", "set_output_boxes", "tile_config",
     "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
@@ -109,19 +110,6 @@ def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions (triton 3.6
-# and 3.8), about 2 us a call on the host, and a launch makes several: at batch 1 that is a sixth of a
-# convolution's host time (benchmarks/triton_host_cost.py).
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for non-negative ints."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
 def dot_flags(dtype: torch.dtype) -> dict:
     """The ``UPCAST`` argument of :func:`accumulate` for operands of this dtype."""
     return {"UPCAST": INTERPRET and dtype == torch.bfloat16}
@@ -147,14 +135,16 @@ class Launcher:
     that config; ``grid_for`` gets the launch's keyword arguments and the config's. ``heuristics`` (name ->
     function of the same) derives meta-parameters from them, as ``@triton.heuristics`` would; the launcher
     computes them itself, because Triton's wrapper rebuilds the argument dict for each one at every launch.
-    ``do_bench`` replaces the autotuner's timer (:meth:`with_timer`).
+    ``do_bench`` replaces the autotuner's timer (:meth:`with_timer`). With ``direct`` (arguments that are
+    tensors and scalars only), launches go through :class:`~resnet_fast.kernels.launch.DirectLaunch`.
     """
 
     def __init__(self, kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
                  prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config,
-                 heuristics: dict[str, Callable[[dict], object]], do_bench: Callable | None = None):
-        self.kernel, self.family, self.configs, self.key, self.prune = kernel, family, configs, key, prune
-        self.fixed, self.interpreter, self.heuristics = fixed, interpreter, heuristics
+                 heuristics: dict[str, Callable[[dict], object]], direct: bool, do_bench: Callable | None = None):
+        self.jit, self.family, self.configs, self.key, self.prune = kernel, family, configs, key, prune
+        self.fixed, self.interpreter, self.heuristics, self.direct = fixed, interpreter, heuristics, direct
+        self.kernel = DirectLaunch(kernel) if direct else kernel  # what launches the chosen config
         tuned = triton.heuristics(heuristics)(kernel) if heuristics else kernel
         self.autotuner = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          do_bench=do_bench)(tuned)
@@ -165,8 +155,9 @@ class Launcher:
     def with_timer(self, do_bench: Callable) -> "Launcher":
         """A fresh launcher for the same kernel (nothing chosen yet) whose autotuner times candidates with
         ``do_bench`` (tests count the timings, or fake them on a CPU)."""
-        return Launcher(self.kernel, family=self.family, configs=self.configs, key=self.key, prune=self.prune,
-                        fixed=self.fixed, interpreter=self.interpreter, heuristics=self.heuristics, do_bench=do_bench)
+        return Launcher(self.jit, family=self.family, configs=self.configs, key=self.key, prune=self.prune,
+                        fixed=self.fixed, interpreter=self.interpreter, heuristics=self.heuristics,
+                        direct=self.direct, do_bench=do_bench)
 
     @contextlib.contextmanager
     def pinned(self, config: triton.Config) -> Iterator[None]:
@@ -228,13 +219,14 @@ class Launcher:
 
 def configured(kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
                prune: Callable[..., list[triton.Config]], fixed: triton.Config, interpreter: triton.Config,
-               heuristics: dict[str, Callable[[dict], object]] | None = None) -> Launcher:
+               heuristics: dict[str, Callable[[dict], object]] | None = None, direct: bool = True) -> Launcher:
     """The :class:`Launcher` of ``kernel``: autotuned over ``configs`` (as ``prune`` keeps them for each
     call, keyed by the arguments named in ``key`` and the tensors' dtypes) on a GPU, ``fixed`` with
     ``RESNET_FAST_AUTOTUNE=0`` and ``interpreter`` under the interpreter, with the meta-parameters that
-    ``heuristics`` derives. ``family`` names the kernel in the tuning tables."""
+    ``heuristics`` derives. ``family`` names the kernel in the tuning tables; ``direct=False`` for kernels
+    that take tensor descriptors (their launches stay Triton's own)."""
     return Launcher(kernel, family=family, configs=configs, key=key, prune=prune, fixed=fixed,
-                    interpreter=interpreter, heuristics=heuristics or {})
+                    interpreter=interpreter, heuristics=heuristics or {}, direct=direct)
 
 
 # ------------------------------------------------------------------------- tensor descriptors (TMA)

@@ -23,10 +23,10 @@ import triton.language as tl
 
 from resnet_fast.backends import Unsupported
 from resnet_fast.kernels.conv_common import (
-    SHARED_MEMORY, accumulate, accumulators_fit, cdiv, channel_vector, configured, dot_flags, grouped_tile,
-    next_power_of_2,
+    SHARED_MEMORY, accumulate, accumulators_fit, channel_vector, configured, dot_flags, grouped_tile,
 )
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
+from resnet_fast.kernels.launch import DirectLaunch, cdiv, next_power_of_2
 from resnet_fast.ops import layout
 from resnet_fast.ops.layout import conv_output_size
 
@@ -233,6 +233,7 @@ _launch = configured(
 _MIN_K_BLOCKS_PER_SPLIT = 4
 _MAX_SPLIT_K = 16
 _REDUCE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 64}
+_split_k_reduce = DirectLaunch(_split_k_reduce_kernel)
 
 
 @functools.cache
@@ -337,7 +338,7 @@ def conv_bn_act(
         )
         if split > 1:
             reduce_grid = (cdiv(m, _REDUCE_BLOCK["BLOCK_M"]), cdiv(c_out, _REDUCE_BLOCK["BLOCK_N"]))
-            _split_k_reduce_kernel[reduce_grid](
+            _split_k_reduce[reduce_grid](
                 workspace, *channel, residual, y, eps, m, c_out, h_out, w_out, *r_strides, *y.stride(),
                 RELU=relu, SPLIT_K=split, **_REDUCE_BLOCK,
             )

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from resnet_fast.backends import Unsupported
-from resnet_fast.kernels import conv_common
+from resnet_fast.kernels import conv_common, launch
 from resnet_fast.kernels.conv_common import accumulate, grouped_tile, nhwc, weight_matrix
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
@@ -56,7 +56,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     64 -> 256 1x1 at 56x56 both with one and without), with channel tiles no wider than C_out needs."""
     nargs = {**nargs, **kwargs}
     itemsize = nargs["y_desc"].base.element_size()
-    widest = max(64, conv_common.next_power_of_2(nargs["C_out"]))
+    widest = max(64, launch.next_power_of_2(nargs["C_out"]))
     kept = [c for c in configs if conv_common.fits(c, nargs["BLOCK_K"], itemsize, 2) and c.kwargs["BLOCK_N"] <= widest]
     return kept or configs[-1:]
 
@@ -105,6 +105,7 @@ _launch = conv_common.configured(
     prune=_prune_configs,
     fixed=_FIXED_GPU_CONFIG,
     interpreter=_INTERPRETER_CONFIG,
+    direct=False,  # tensor-descriptor arguments: Triton's own launch
 )
 
 
@@ -119,7 +120,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
 
 def _block_k(c_in: int, itemsize: int) -> int:
     """Channels per K block: a 128-byte row, no wider than C_in needs (tl.dot's minimum is 16)."""
-    return min(conv_common.ROW_BYTES // itemsize, max(16, conv_common.next_power_of_2(c_in)))
+    return min(conv_common.ROW_BYTES // itemsize, max(16, launch.next_power_of_2(c_in)))
 
 
 def unsupported_reason(
@@ -200,7 +201,7 @@ def conv_bn_act(
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count
 
     def grid(meta: dict) -> tuple[int]:
-        return (min(programs, conv_common.cdiv(m, meta["BLOCK_M"]) * conv_common.cdiv(c_out, meta["BLOCK_N"])),)
+        return (min(programs, launch.cdiv(m, meta["BLOCK_M"]) * launch.cdiv(c_out, meta["BLOCK_N"])),)
 
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device_of(x):

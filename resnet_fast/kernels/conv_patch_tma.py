@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from resnet_fast.backends import Unsupported
-from resnet_fast.kernels import conv_common
+from resnet_fast.kernels import conv_common, launch
 from resnet_fast.kernels.conv_common import accumulate, grouped_tile, nhwc, weight_matrix
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
 from resnet_fast.ops import layout
@@ -72,7 +72,7 @@ def _prune_configs(configs: list[triton.Config], nargs: dict, **kwargs) -> list[
     nargs = {**nargs, **kwargs}
     itemsize = nargs["y_desc"].base.element_size()
     patch = nargs["PATCH_H"] * nargs["PATCH_W"]
-    widest = max(64, conv_common.next_power_of_2(nargs["C_out"]))
+    widest = max(64, launch.next_power_of_2(nargs["C_out"]))
     images = max(nargs["N"], _MAX_PATCH // patch)
     kept = [
         c for c in configs
@@ -145,6 +145,7 @@ _launch = conv_common.configured(
     prune=_prune_configs,
     fixed=_FIXED_GPU_CONFIG,
     interpreter=_INTERPRETER_CONFIG,
+    direct=False,  # tensor-descriptor arguments: Triton's own launch
 )
 
 
@@ -254,8 +255,8 @@ def conv_bn_act(
 
     def grid(meta: dict) -> tuple[int]:
         images = meta["BLOCK_M"] // (ph * pw)
-        tiles = conv_common.cdiv(n, images) * conv_common.cdiv(h_out, ph) * conv_common.cdiv(w_out, pw)
-        return (tiles * conv_common.cdiv(c_out, meta["BLOCK_N"]),)
+        tiles = launch.cdiv(n, images) * launch.cdiv(h_out, ph) * launch.cdiv(w_out, pw)
+        return (tiles * launch.cdiv(c_out, meta["BLOCK_N"]),)
 
     # Triton launches on the current CUDA device, not the tensors' one.
     with torch.cuda.device_of(x):

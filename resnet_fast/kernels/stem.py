@@ -48,9 +48,10 @@ import triton.language as tl
 from resnet_fast.backends import Unsupported
 from resnet_fast.kernels import conv
 from resnet_fast.kernels.conv_common import (
-    accumulate, cdiv, channel_vector, configured, dot_flags, float32_unsupported_reason, next_power_of_2,
+    accumulate, channel_vector, configured, dot_flags, float32_unsupported_reason,
 )
 from resnet_fast.kernels.epilogue import apply_epilogue, channel_scale_shift
+from resnet_fast.kernels.launch import cdiv, next_power_of_2
 from resnet_fast.ops import layout
 from resnet_fast.ops.reference import STEM_CONV, STEM_POOL, stem_sizes
 
