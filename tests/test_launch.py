@@ -5,7 +5,8 @@ Triton compiles different kernels for (it may split more finely, never less), ag
 specialization function. And the launches themselves, on Triton's driver over the stub libcuda
 (benchmarks/stub_driver.py, no GPU needed) or on a GPU: what reaches the driver from a DirectLaunch call is
 what Triton's ``kernel[grid](...)`` passes, for the split-K reduction, add_relu and the gather convolution
-(45 arguments, None pointers among them), and a misaligned tensor gets a kernel of its own.
+(45 arguments, None pointers among them, launched from the plan its Launcher keeps), and a misaligned
+tensor gets a kernel of its own.
 """
 from __future__ import annotations
 
@@ -117,6 +118,13 @@ os.environ["RESNET_FAST_SPLIT_K"] = "4"
 used = check([conv_gather._launch.kernel, conv_gather._split_k_reduce],
              lambda: conv_gather.conv_bn_act(x, w, None, *v, 1e-5, (1, 1), (1, 1), (1, 1), 1, None, True))
 assert len(used) == 2, used
+# The launcher kept one plan (config, grid) for the call; a batch of two is another signature, with its
+# own plan and grid.
+plans = conv_gather._launch._plans
+assert len(plans) == 1, plans.keys()
+x2 = torch.randn(2, c, h, h, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+conv_gather.conv_bn_act(x2, w, None, *v, 1e-5, (1, 1), (1, 1), (1, 1), 1, None, True)
+assert len(plans) == 2 and len({grid for grid, _ in plans.values()}) == 2, plans.values()
 print("launches match")
 """
 

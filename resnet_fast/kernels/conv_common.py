@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from resnet_fast.kernels import tuning
-from resnet_fast.kernels.launch import DirectLaunch
+from resnet_fast.kernels.launch import MAX_SIGNATURES, DirectLaunch
 
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
@@ -136,7 +136,11 @@ class Launcher:
     function of the same) derives meta-parameters from them, as ``@triton.heuristics`` would; the launcher
     computes them itself, because Triton's wrapper rebuilds the argument dict for each one at every launch.
     ``do_bench`` replaces the autotuner's timer (:meth:`with_timer`). With ``direct`` (arguments that are
-    tensors and scalars only), launches go through :class:`~resnet_fast.kernels.launch.DirectLaunch`.
+    tensors and scalars only), launches go through :class:`~resnet_fast.kernels.launch.DirectLaunch`, and
+    outside a pinned config the launcher keeps, per argument signature, the config, derived
+    meta-parameters and grid it worked out, so that a later call with the same signature launches at
+    once. Hence ``grid_for`` may depend on the launch's scalar arguments and the config only (not on a
+    tensor's shape), which holds for every family here.
     """
 
     def __init__(self, kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
@@ -145,6 +149,7 @@ class Launcher:
         self.jit, self.family, self.configs, self.key, self.prune = kernel, family, configs, key, prune
         self.fixed, self.interpreter, self.heuristics, self.direct = fixed, interpreter, heuristics, direct
         self.kernel = DirectLaunch(kernel) if direct else kernel  # what launches the chosen config
+        self._plans: dict[tuple, tuple[tuple, dict]] = {}  # DirectLaunch.key -> (grid, launch's kwargs)
         tuned = triton.heuristics(heuristics)(kernel) if heuristics else kernel
         self.autotuner = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
                                          do_bench=do_bench)(tuned)
@@ -170,9 +175,17 @@ class Launcher:
             self._pinned.reset(token)
 
     def __call__(self, grid_for: Callable[[dict], tuple[int, ...]], *args, **kwargs) -> None:
+        config = self._pinned.get()
+        planned = config is None and self.direct and self.kernel.compiles
+        if planned:
+            key = self.kernel.key(args, kwargs)
+            plan = self._plans.get(key)
+            if plan is not None:
+                grid, launch_kwargs = plan
+                self.kernel.launch(grid, args, launch_kwargs, key)
+                return
         nargs = dict(zip(self.kernel.arg_names, args))
         nargs.update(kwargs)
-        config = self._pinned.get()
         if config is not None:
             if config not in self.prune(self.configs, nargs):
                 raise NotACandidate(f"{self.family}: {config} is not a candidate for this call")
@@ -186,8 +199,16 @@ class Launcher:
         derived = {name: rule(nargs) for name, rule in self.heuristics.items()}
         if config.pre_hook is not None:
             config.pre_hook(nargs)
-        self.kernel[grid_for(nargs)](*args, **kwargs, **derived, **config.kwargs, num_warps=config.num_warps,
-                                     num_stages=config.num_stages)
+        grid = grid_for(nargs)
+        launch_kwargs = {**kwargs, **derived, **config.kwargs, "num_warps": config.num_warps,
+                         "num_stages": config.num_stages}
+        if not planned:
+            self.kernel[grid](*args, **launch_kwargs)
+            return
+        self.kernel.launch(grid, args, launch_kwargs, key)
+        if len(self._plans) >= MAX_SIGNATURES:
+            self._plans.clear()
+        self._plans[key] = (grid, launch_kwargs)
 
     def _choose(self, grid_for, nargs: dict, args: tuple, kwargs: dict) -> triton.Config | None:
         """Steps 3-5 of the class docstring: the config to launch, or None where the autotuner has just

@@ -31,7 +31,7 @@ def next_power_of_2(n: int) -> int:
 
 
 _SCALARS = (float, bool, type(None))  # besides int, the common case
-_MAX_SIGNATURES = 1024  # per kernel; beyond this (a workload of ever new shapes) the cache starts over
+MAX_SIGNATURES = 1024  # per kernel; beyond this (a workload of ever new shapes) the cache starts over
 
 
 def signature(args: Sequence) -> tuple:
@@ -57,23 +57,33 @@ class DirectLaunch:
     def __init__(self, kernel: triton.JITFunction):
         self.kernel = kernel
         self.arg_names = kernel.arg_names
-        self._compiles = isinstance(kernel, triton.runtime.JITFunction)
+        self.compiles = isinstance(kernel, triton.runtime.JITFunction)
         self._compiled: dict[tuple, object] = {}  # (device, signature, constexprs) -> CompiledKernel
 
     def __getitem__(self, grid: tuple[int, ...]):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
-        if not self._compiles:
+    @staticmethod
+    def key(args: tuple, kwargs: dict) -> tuple:
+        """``(device, signature(args), constexprs by name, type and value)``: what a compiled kernel is
+        kept under (only where :attr:`compiles`)."""
+        return (driver.active.get_current_device(), signature(args),
+                tuple([(name, v.__class__, v) for name, v in kwargs.items()]))
+
+    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict, key: tuple | None = None) -> None:
+        """``kernel[grid](*args, **kwargs)``. ``key`` may stand for :meth:`key` of these arguments, or of
+        others that determine them (the :class:`~resnet_fast.kernels.conv_common.Launcher`'s, before it
+        adds its config), as long as one key never stands for two different launches."""
+        if not self.compiles:
             self.kernel[grid](*args, **kwargs)
             return
-        device = driver.active.get_current_device()
-        key = (device, signature(args), tuple([(name, v.__class__, v) for name, v in kwargs.items()]))
+        if key is None:
+            key = self.key(args, kwargs)
         compiled = self._compiled.get(key)
         if compiled is None:
             # Triton binds, specializes, compiles or finds the kernel, and launches it.
             compiled = self.kernel[grid](*args, **kwargs)
-            if len(self._compiled) >= _MAX_SIGNATURES:
+            if len(self._compiled) >= MAX_SIGNATURES:
                 self._compiled.clear()
             if compiled is not None:
                 self._compiled[key] = compiled
@@ -81,4 +91,4 @@ class DirectLaunch:
         # Every parameter in order, constexprs included, as Triton's own launch passes them.
         bound = [*args, *[kwargs[name] for name in self.arg_names[len(args):]]]
         grid3 = (*grid, 1, 1)[:3]
-        compiled[grid3](*bound, stream=driver.active.get_current_stream(device))
+        compiled[grid3](*bound, stream=driver.active.get_current_stream(key[0]))
