@@ -5,7 +5,10 @@ launch's host time was Triton's: ``kernel[grid](*args)`` binds and specializes e
 compiled-kernel cache key and checks the kernel's globals at each call, about 19 µs above the driver
 call for the gather kernel's 45 arguments. :class:`DirectLaunch` pays that once per argument signature
 and then calls the compiled kernel itself (``CompiledKernel[grid](*args, stream=...)``, as code compiled
-ahead of time is launched), which is what torch.compile's generated launchers do too.
+ahead of time is launched), which is what torch.compile's generated launchers do too. What a direct call
+skips: re-reading Triton's compile options from its knobs and environment (a process that changes them
+keeps the kernels it has), the check that the kernel's globals have not changed (these kernels read
+none), and ``JITFunction`` pre-run hooks. Launch hooks (profilers) still see every launch.
 """
 
 from __future__ import annotations
