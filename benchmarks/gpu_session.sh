@@ -46,8 +46,8 @@ select=${BENCH_SELECT--m headline}
 workers=${TEST_WORKERS:-14}
 phases=" ${*:-build tests table models host main kernels first-call} "
 # The files with GPU tests; the rest are CPU tests that CI runs.
-gpu_tests="tests/test_triton.py tests/test_cuda_ext.py tests/test_cuda_graph.py tests/test_stem.py \
-tests/test_conv_tma.py tests/test_tuning.py"
+gpu_tests="tests/test_triton.py tests/test_launch.py tests/test_cuda_ext.py tests/test_cuda_graph.py \
+tests/test_stem.py tests/test_conv_tma.py tests/test_tuning.py"
 export out work logs select workers gpu_tests  # the phase functions run in a child bash
 start=$SECONDS
 summary="$out/summary.txt"

@@ -128,6 +128,14 @@ assert len(plans) == 2 and len({grid for grid, _ in plans.values()}) == 2, plans
 print("launches match")
 """
 
+_CHILD_DISABLED = r"""
+import os
+os.environ["RESNET_FAST_DIRECT_LAUNCH"] = "0"
+from resnet_fast.kernels import conv_gather
+assert not conv_gather._launch.kernel.compiles and not conv_gather._split_k_reduce.compiles
+print("Triton launches")
+"""
+
 
 @pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
                     reason="without a GPU, builds the stub libcuda with gcc")
@@ -136,3 +144,12 @@ def test_direct_launches_pass_the_driver_what_tritons_launches_pass():
         [sys.executable, "-m", "benchmarks.stub_driver", "-c", _CHILD]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "launches match" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
+                    reason="without a GPU, builds the stub libcuda with gcc")
+def test_direct_launch_can_be_turned_off():
+    command = [sys.executable, "-c", _CHILD_DISABLED] if torch.cuda.is_available() else \
+        [sys.executable, "-m", "benchmarks.stub_driver", "-c", _CHILD_DISABLED]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Triton launches" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]

@@ -9,10 +9,12 @@ ahead of time is launched), which is what torch.compile's generated launchers do
 skips: re-reading Triton's compile options from its knobs and environment (a process that changes them
 keeps the kernels it has), the check that the kernel's globals have not changed (these kernels read
 none), and ``JITFunction`` pre-run hooks. Launch hooks (profilers) still see every launch.
+``RESNET_FAST_DIRECT_LAUNCH=0`` (read at import) leaves every launch to Triton.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import triton
@@ -34,6 +36,7 @@ def next_power_of_2(n: int) -> int:
 
 
 _SCALARS = (float, bool, type(None))  # besides int, the common case
+_ENABLED = os.environ.get("RESNET_FAST_DIRECT_LAUNCH", "1") != "0"
 MAX_SIGNATURES = 1024  # per kernel; beyond this (a workload of ever new shapes) the cache starts over
 
 
@@ -54,13 +57,13 @@ class DirectLaunch:
     ``args`` are the kernel's leading parameters, tensors and scalars only (no tensor descriptors: their
     host objects are rebuilt per call); ``constexprs`` name all the others, and ``num_warps`` and
     ``num_stages``. Under the interpreter (``TRITON_INTERPRET=1``: ``kernel`` is interpreted, not compiled)
-    every call is Triton's own.
+    or with ``RESNET_FAST_DIRECT_LAUNCH=0``, every call is Triton's own (:attr:`compiles` is False).
     """
 
     def __init__(self, kernel: triton.JITFunction):
         self.kernel = kernel
         self.arg_names = kernel.arg_names
-        self.compiles = isinstance(kernel, triton.runtime.JITFunction)
+        self.compiles = isinstance(kernel, triton.runtime.JITFunction) and _ENABLED
         self._compiled: dict[tuple, object] = {}  # (device, signature, constexprs) -> CompiledKernel
 
     def __getitem__(self, grid: tuple[int, ...]):
