@@ -137,19 +137,24 @@ print("Triton launches")
 """
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
-                    reason="without a GPU, builds the stub libcuda with gcc")
+needs_a_driver = pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
+                                    reason="without a GPU, builds the stub libcuda with gcc")
+
+
+def _run(code: str) -> str:
+    """``code`` in a fresh process on the GPU, or without one on the stub libcuda; its output."""
+    command = [sys.executable, "-c", code] if torch.cuda.is_available() else \
+        [sys.executable, "-m", "benchmarks.stub_driver", "-c", code]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+@needs_a_driver
 def test_direct_launches_pass_the_driver_what_tritons_launches_pass():
-    command = [sys.executable, "-c", _CHILD] if torch.cuda.is_available() else \
-        [sys.executable, "-m", "benchmarks.stub_driver", "-c", _CHILD]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "launches match" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "launches match" in _run(_CHILD)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
-                    reason="without a GPU, builds the stub libcuda with gcc")
+@needs_a_driver
 def test_direct_launch_can_be_turned_off():
-    command = [sys.executable, "-c", _CHILD_DISABLED] if torch.cuda.is_available() else \
-        [sys.executable, "-m", "benchmarks.stub_driver", "-c", _CHILD_DISABLED]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "Triton launches" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "Triton launches" in _run(_CHILD_DISABLED)
