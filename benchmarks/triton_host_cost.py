@@ -81,6 +81,7 @@ def main() -> None:
 
     import benchmarks.bench_utils as bu
     from resnet_fast.kernels import conv, conv_gather
+    from resnet_fast.kernels.launch import cdiv
     from resnet_fast.ops import reference
 
     device = "cpu" if stub else "cuda"
@@ -95,7 +96,7 @@ def main() -> None:
     cases = []
     for shape in shapes:
         call = _conv_arguments(torch, shape, device)
-        m, k_blocks = shape.h_out**2, shape.k**2 * -(-shape.c_in // 64)
+        m, k_blocks = shape.h_out**2, shape.k**2 * cdiv(shape.c_in, 64)
         if stub:  # the H200's split (on CPU tensors the launcher would never split)
             split = conv_gather.split_k(m, shape.c_out, k_blocks, stub_driver.MULTIPROCESSORS)
         else:

@@ -34,6 +34,8 @@ import warnings
 
 import triton
 
+from resnet_fast.kernels.launch import next_power_of_2
+
 __all__ = ["COMMITTED", "cache_dir", "config_entry", "device_slug", "enabled", "key_of", "key_text", "lookup", "store"]
 
 # The committed tables; RESNET_FAST_TUNED_DIR names another folder of them (a site's own, or a measurement
@@ -68,7 +70,7 @@ def _rounded(name: str, value):
     to a power of two. The conv families' candidate lists depend on M only through that power of two
     (tests/test_tuning.py checks it), and on N hardly at all."""
     if name in ("M", "N") and isinstance(value, int) and value > 1:
-        return 1 << (value - 1).bit_length()
+        return next_power_of_2(value)
     return value
 
 
