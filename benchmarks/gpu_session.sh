@@ -14,8 +14,10 @@
 #     models      the headline whole-model benchmarks (eager, compile, compile + freezing, resnet_fast),
 #                 autotuning on (shapes missing from the table are timed in their warm-up)
 #     host        benchmarks/triton_host_cost.py --profile: the host time of each batch-1 convolution on
-#                 the Triton and torch backends, and where the Triton one goes (batch-1 eager is
-#                 launch-bound: 15.8 ms on the H200 against torchvision's 4.0 ms)
+#                 the Triton and torch backends, of whole batch-1 forwards (resnet_fast's, torchvision's),
+#                 and where the time goes (batch-1 eager is launch-bound: 15.8 ms on the H200 against
+#                 torchvision's 4.0 ms, where the stub driver on a CPU machine gives 4.7 ms for the same
+#                 code's features)
 #     main        python -m resnet_fast (resnet50, batch 256, bf16)
 #     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
 #     first-call  benchmarks/first_call.py cold (empty Triton and tuning caches, no table: 75 s on the
@@ -144,8 +146,9 @@ done
 {
   echo "--- first call (benchmarks/first_call.py)"
   cat "$logs/first-call.log" "$logs/table.log" 2>/dev/null | grep -E "^(case|cold|warm|table) " | uniq
-  echo "--- host time per batch-1 convolution (benchmarks/triton_host_cost.py)"
-  grep -E "^[0-9]+x[0-9]+s|^shape |^sum over|^driver" "$logs/host.log" 2>/dev/null
+  echo "--- host time per batch-1 convolution and forward (benchmarks/triton_host_cost.py)"
+  grep -E "^[0-9]+x[0-9]+s|^shape |^sum over|^driver|^batch-1 resnet50|^  (resnet_fast|torchvision) |^ops of" \
+    "$logs/host.log" 2>/dev/null
   echo "--- main job"
   tail -25 "$logs/main.log" 2>/dev/null
   echo "--- failed or erroring tests"

@@ -10,6 +10,7 @@ driver call succeeds and nothing runs). What it is for: timing the host side of 
 torch itself sees no GPU (its CUDA runtime cannot use the stub), so torch's device queries are answered
 here as the H200's, whose committed tuning table (``resnet_fast/kernels/tuned/nvidia-h200.json``) then
 serves the launches: the stub cannot time an autotuning. The tuning cache is an empty folder of its own.
+:func:`launch_as_on_the_h200` then makes resnet_fast's launches on CPU tensors those it makes on the H200.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def activate() -> None:
     driver.set_active(stub)
     torch.cuda.current_device = lambda: 0
     torch.cuda.get_device_name = lambda device=None: DEVICE
+
+
+def launch_as_on_the_h200() -> None:
+    """resnet_fast's ``"triton"`` backend serves CPU tensors (when selected), and the gather kernel splits K
+    for the H200's multiprocessors, as it does for that GPU's tensors. Not part of :func:`activate`: it
+    imports resnet_fast, which reads its environment settings at import."""
+    from resnet_fast import backends
+    from resnet_fast.kernels import conv_gather
+
+    backends._REGISTRY["triton"].supports_device = lambda device: True
+    conv_gather._multiprocessors = lambda device: MULTIPROCESSORS
 
 
 def main(argv: list[str]) -> None:

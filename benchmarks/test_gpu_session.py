@@ -44,7 +44,8 @@ def test_a_phase_over_its_limit_is_cut_and_the_next_one_runs(tmp_path):
 
 
 def test_the_host_phase_reports_its_table(tmp_path):
-    summary = _session(tmp_path, "host", HOST_ARGS="--shapes 2 --calls 6")
+    summary = _session(tmp_path, "host", HOST_ARGS="--shapes 2 --calls 6 --forwards 3")
     assert "phase host: rc=0" in summary, summary
     table = summary.split("--- host time per batch-1 convolution")[1]
     assert "\n7x7s2-3to64-224px-relu-x1 " in table and "sum over the 2 convolutions" in table, summary
+    assert '\n  resnet_fast forward_features ("triton") ' in table and "\nops of forward_features" in table, summary

@@ -8,7 +8,13 @@ eval BatchNorm, the residual where there is one), and sums them by occurrence: t
 forward's 53 convolutions.
 
     python3 -m benchmarks.triton_host_cost             # on a GPU: the real driver; else the stub below
-    python3 -m benchmarks.triton_host_cost --profile   # and a cProfile of the Triton calls, by own time
+    python3 -m benchmarks.triton_host_cost --profile   # then cProfiles of as many more calls, by own time
+
+It then times whole batch-1 forwards the same way: resnet_fast's resnet50 ``forward_features`` (the stem
+and the four stages: every op of resnet_fast's, so the layers above the backend included) on the
+``"triton"`` backend, and on a GPU also resnet_fast's and torchvision's whole forwards. Host time per call,
+with queued work synchronized after each pass: at batch 1 the GPU finishes first, so on a GPU this is the
+eager latency as well.
 
 On a GPU the calls run for real (autotuned as usual; warm-up excluded), beside the ``"torch"`` backend's
 (cuDNN and the eager epilogue) for the same shapes. Without one, the script runs again on Triton's driver
@@ -44,26 +50,87 @@ def _conv_arguments(torch, shape, device) -> tuple:
             shape.epilogue != "none")
 
 
-def _host_times(fn, args, calls: int, synchronize, profiler) -> list[float]:
+def _host_times(fn, args, calls: int, synchronize) -> list[float]:
     """Host seconds of ``calls`` calls of ``fn(*args)`` (queued work synchronized after them)."""
     times = []
-    if profiler is not None:
-        profiler.enable()
     for _ in range(calls):
         start = time.perf_counter()
         fn(*args)
         times.append(time.perf_counter() - start)
-    if profiler is not None:
-        profiler.disable()
     synchronize()
     return times
+
+
+def _print_profile(title: str, calls: list[tuple], repeat: int, synchronize) -> None:
+    """A cProfile of ``repeat`` more calls of each ``(fn, args)``, by own time; never of the timed calls,
+    which it would slow down."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for fn, args in calls:
+        for _ in range(repeat):
+            fn(*args)
+    profiler.disable()
+    synchronize()
+    print(f"profile of {title}:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+def _forward_cases(torch, device, stub: bool) -> list[tuple[str, object, object]]:
+    """``(name, forward, x)`` of the whole-model rows: batch-1 resnet50s in bf16, channels_last, eval, with
+    random weights (host time does not depend on their values)."""
+    import torchvision
+
+    import resnet_fast
+
+    def prepared(model):
+        return model.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
+
+    x = torch.randn(1, 3, 224, 224, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ours = prepared(resnet_fast.resnet50())
+    cases = [('resnet_fast forward_features ("triton")', ours.forward_features, x)]
+    if stub:
+        # The stem's max-pool is torch's (the fused stem is not the default yet), so here it computes on
+        # the CPU: timed alone, to be told apart from the host's work.
+        conv1 = torch.randn(1, 64, 112, 112, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        cases.append(("  of which the stem's max-pool, on the CPU", lambda t: torch.max_pool2d(t, 3, 2, 1), conv1))
+    else:  # (on the stub the head's matmul would compute on the CPU too)
+        theirs = prepared(torchvision.models.resnet50())
+        cases += [('resnet_fast forward ("triton")', ours, x), ("torchvision forward", theirs, x)]
+    return cases
+
+
+def _time_forwards(torch, cases, forwards: int, synchronize, profile: bool) -> None:
+    """Prints the median host ms per call of each case, and which backend served the features' ops."""
+    import resnet_fast
+    from resnet_fast import backends
+
+    times = {name: [] for name, _, _ in cases}
+    with resnet_fast.backend("triton", strict=True), torch.no_grad():
+        for calls, kept in [(3, False)] + [(max(1, forwards // 3), True)] * 3:
+            for name, fn, x in cases:
+                timed = _host_times(fn, (x,), calls, synchronize)
+                if kept:
+                    times[name] += timed
+        with backends.record_dispatch() as counts:
+            cases[0][1](cases[0][2])
+        print("batch-1 resnet50 (bf16, channels_last, eval, no grad): median host ms per call")
+        for name, _, _ in cases:
+            print(f"  {name:<44} {statistics.median(times[name]) * 1e3:>8.3f}")
+        print("ops of forward_features by backend: "
+              + ", ".join(f"{op}: {b} {n}" for (op, b), n in sorted(counts.items())))
+        if profile:
+            _print_profile("the features", [(cases[0][1], (cases[0][2],))], max(1, forwards // 3), synchronize)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="timed calls per shape (in three passes)")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of the timed calls")
+    parser.add_argument("--profile", action="store_true", help="then print cProfiles of more such calls")
     parser.add_argument("--shapes", type=int, help="only the first N distinct shapes (a quick check)")
+    parser.add_argument("--forwards", type=int, default=90, help="timed whole forwards per model (0: none)")
     args = parser.parse_args()
     from benchmarks import stub_driver
 
@@ -77,6 +144,8 @@ def main() -> None:
     import torch
 
     stub = stub_driver.active()
+    if stub:
+        stub_driver.launch_as_on_the_h200()
     torch.set_num_threads(1)
 
     import benchmarks.bench_utils as bu
@@ -88,29 +157,19 @@ def main() -> None:
     synchronize = (lambda: None) if stub else torch.cuda.synchronize
     impls = {"triton": conv.conv_bn_act} if stub else {"triton": conv.conv_bn_act, "torch": reference.conv_bn_act}
     shapes = bu.resnet50_conv_shapes()[: args.shapes]
-    profiler = None
-    if args.profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
     cases = []
     for shape in shapes:
         call = _conv_arguments(torch, shape, device)
-        m, k_blocks = shape.h_out**2, shape.k**2 * cdiv(shape.c_in, 64)
-        if stub:  # the H200's split (on CPU tensors the launcher would never split)
-            split = conv_gather.split_k(m, shape.c_out, k_blocks, stub_driver.MULTIPROCESSORS)
-        else:
-            split = conv_gather._split_k_for(call[0], m, shape.c_out, k_blocks)
+        # The split the launch makes (on the stub, the H200's).
+        split = conv_gather._split_k_for(call[0], shape.h_out**2, shape.c_out, shape.k**2 * cdiv(shape.c_in, 64))
         cases.append((shape, call, split))
     # Warm-up (compilation, autotuning), then the timed calls in passes over all the shapes, so that the
     # machine's drift spreads over every shape rather than landing on the first ones.
     times = {(shape, name): [] for shape, _, _ in cases for name in impls}
     for calls, kept in [(3, False)] + [(max(1, args.calls // 3), True)] * 3:
-        for shape, call, split in cases:
-            if stub:
-                os.environ["RESNET_FAST_SPLIT_K"] = str(split)
+        for shape, call, _ in cases:
             for name, fn in impls.items():
-                timed = _host_times(fn, call, calls, synchronize, profiler if kept and name == "triton" else None)
+                timed = _host_times(fn, call, calls, synchronize)
                 if kept:
                     times[shape, name] += timed
     print(f"{'shape (batch 1, bf16)':<34} {'split-K':>7} " + " ".join(f"{name + ' us':>10}" for name in impls))
@@ -128,10 +187,12 @@ def main() -> None:
     import triton
 
     print(f"driver: {driver}; torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}")
-    if profiler is not None:
-        import pstats
-
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    if args.profile:
+        repeat = max(1, args.calls // 3)
+        convolutions = [(impls["triton"], call) for _, call, _ in cases]
+        _print_profile("the Triton convolutions", convolutions, repeat, synchronize)
+    if args.forwards > 0:
+        _time_forwards(torch, _forward_cases(torch, device, stub), args.forwards, synchronize, args.profile)
 
 
 if __name__ == "__main__":

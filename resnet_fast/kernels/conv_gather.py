@@ -237,8 +237,9 @@ _split_k_reduce = DirectLaunch(_split_k_reduce_kernel)
 
 
 @functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _multiprocessors(device: torch.device) -> int:
+    """The multiprocessor count of a CUDA device; 0 for any other device, where nothing splits."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def split_k(m: int, c_out: int, k_blocks: int, multiprocessors: int) -> int:
@@ -263,7 +264,7 @@ def _split_k_for(x: torch.Tensor, m: int, c_out: int, k_blocks: int) -> int:
     forced = os.environ.get("RESNET_FAST_SPLIT_K")
     if forced:
         return max(1, int(forced))
-    return split_k(m, c_out, k_blocks, _multiprocessors(x.device.index)) if x.device.type == "cuda" else 1
+    return split_k(m, c_out, k_blocks, _multiprocessors(x.device))
 
 
 def _workspace(split: int, m: int, c_out: int, device: torch.device) -> torch.Tensor:
