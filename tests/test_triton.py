@@ -71,6 +71,8 @@ def test_conv_epilogue_and_layouts(dtype, channels_last, residual, relu):
     [
         (4, (1, 3), (1, 2), (0, 1), 1, (5, 9)),  # non-square kernel, per-axis stride and padding
         (6, (3, 1), (2, 1), (2, 0), (2, 1), (9, 4)),  # per-axis dilation
+        # every axis its own (kernel, stride, padding, dilation) on the tap-by-tap path (C_in >= BLOCK_K)
+        (20, (3, 5), (2, 1), (1, 3), (2, 1), (11, 9)),
         (3, (7, 7), 2, 3, 1, (17, 15)),  # the ImageNet stem on an odd image
         (24, (3, 3), 2, 0, 1, (3, 3)),  # a single output pixel
         (8, (1, 1), 1, 0, 1, (1, 1)),  # a 1x1 image

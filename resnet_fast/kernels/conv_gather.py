@@ -161,22 +161,39 @@ def _conv_gather_kernel(
             w_tile = tl.load(w_col[:, None] + w_tap[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = accumulate(w_tile, x_tile, acc, UPCAST)
     else:
-        # Each K block is one tap (r, s) and one channel block, so the spatial mask and row addresses
-        # stay per pixel. One flat loop over (tap, channel block) rather than nested loops: the
-        # pipeliner overlaps loads only within the innermost loop, and a 64-channel layer has a
-        # single channel block per tap.
+        # Each K block is one tap (r, s) and one channel block. What a pixel's loads depend on besides the
+        # tap is loop-invariant: the address of its tap (0, 0), and which taps fall inside the image (bit r
+        # of row_taps, bit s of col_taps; none for a pixel past M). A K block then adds one uniform offset
+        # to each pixel's address and tests two bits, where recomputing rows, columns, bounds and 64-bit
+        # products made most of the main loop's instructions (SASS, BENCHMARKS.md).
+        x_pix0 = x_img + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
+        row_taps = tl.zeros_like(offs_m)
+        for tap_r in tl.static_range(KH):
+            ih = ih0 + tap_r * dil_h
+            row_taps |= ((ih >= 0) & (ih < H) & m_ok).to(tl.int32) << tap_r
+        col_taps = tl.zeros_like(offs_m)
+        for tap_s in tl.static_range(KW):
+            iw = iw0 + tap_s * dil_w
+            col_taps |= ((iw >= 0) & (iw < W)).to(tl.int32) << tap_s
+        # One flat loop over (tap, channel block) rather than nested loops: the pipeliner overlaps loads
+        # only within the innermost loop, and a 64-channel layer has a single channel block per tap.
         c_blocks = tl.cdiv(C_in, BLOCK_K)
         for kb in range(pid_k, KH * KW * c_blocks, SPLIT_K):
-            r = kb // (c_blocks * KW)
-            s = (kb // c_blocks) % KW
-            c = (kb % c_blocks) * BLOCK_K + offs_k
+            if KH * KW == 1:
+                r = 0
+                s = 0
+                cb = kb
+            else:
+                tap = kb // c_blocks
+                cb = kb - tap * c_blocks
+                r = tap // KW
+                s = tap - r * KW
+            c = cb * BLOCK_K + offs_k
             c_ok = c < C_in
-            ih = ih0 + r * dil_h
-            iw = iw0 + s * dil_w
-            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_pix = x_img + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-            x_tile = tl.load(x_pix[None, :] + c[:, None].to(tl.int64) * sx_c, mask=c_ok[:, None] & pix_ok[None, :],
-                             other=0.0)
+            pix_ok = ((row_taps >> r) & (col_taps >> s) & 1) != 0
+            tap_offset = (r * dil_h).to(tl.int64) * sx_h + (s * dil_w).to(tl.int64) * sx_w
+            x_tile = tl.load((x_pix0 + tap_offset)[None, :] + c[:, None].to(tl.int64) * sx_c,
+                             mask=c_ok[:, None] & pix_ok[None, :], other=0.0)
             w_tap = w_col + r * sw_h + s * sw_w
             w_tile = tl.load(w_tap[:, None] + c[None, :] * sw_c, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
             acc = accumulate(w_tile, x_tile, acc, UPCAST)
