@@ -35,6 +35,10 @@ CASES = [
     ((128, 64, 64, 4, 4), (1, 256, 64, 56, 1, 2, 1)),
     ((64, 128, 64, 4, 4), (3, 512, 512, 7, 1, 1, 16)),
     ((16, 128, 64, 4, 4), (1, 1024, 256, 14, 1, 1, 4)),
+    # The 7x7 stem on 3 channels (K flattened over taps and channels), as the table runs it when the
+    # stem op is the gather convolution and a max-pool.
+    ((64, 64, 32, 4, 8), (7, 3, 64, 224, 2, 2, 1)),
+    ((64, 32, 32, 5, 4), (7, 3, 64, 224, 2, 1, 1)),
 ]
 
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;")

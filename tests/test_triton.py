@@ -12,6 +12,7 @@ import itertools
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -149,6 +150,19 @@ def test_too_many_pixels_goes_to_reference():
     w = torch.ones(1, 1, 1, 1, device=DEVICE)
     with resnet_fast.backend("triton", strict=True), pytest.raises(backends.Unsupported, match="32-bit pixel index"):
         ops.conv_bias_act(x, w)
+
+
+def test_kernel_wider_than_31_taps_goes_to_reference():
+    """A pixel's in-image taps are a 31-bit mask per axis: a 1x33 kernel is Unsupported (strict), and
+    answered by the reference otherwise."""
+    x = torch.randn(1, 16, 2, 40, device=DEVICE)
+    w = torch.randn(4, 16, 1, 33, device=DEVICE)
+    with resnet_fast.backend("triton", strict=True), pytest.raises(backends.Unsupported, match="31 taps per axis"):
+        ops.conv_bias_act(x, w, padding=(0, 16))
+    with resnet_fast.backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = ops.conv_bias_act(x, w, padding=(0, 16), relu=False)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, padding=(0, 16)))
 
 
 def test_selection():

@@ -143,40 +143,40 @@ def _conv_gather_kernel(
     # holds few output channels, so the epilogue's per-channel vectors cost few registers (pixels x
     # channels spills); tl.trans relabels the accumulator for the epilogue at no cost.
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # What a pixel's loads depend on besides the tap is loop-invariant: the address of its tap (0, 0), and
+    # which taps fall inside the image (bit r of row_taps, bit s of col_taps; none for a pixel past M).
+    # A tap then adds one offset to each pixel's address and tests two bits, where recomputing rows,
+    # columns, bounds and 64-bit products made most of the main loop's instructions (BENCHMARKS.md, "The
+    # gather kernel's main loop"). KH and KW are at most 31 (the launcher checks).
+    x_pix0 = x_img + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
+    row_taps = tl.zeros_like(offs_m)
+    for tap_r in tl.static_range(KH):
+        ih = ih0 + tap_r * dil_h
+        row_taps |= ((ih >= 0) & (ih < H) & m_ok).to(tl.int32) << tap_r
+    col_taps = tl.zeros_like(offs_m)
+    for tap_s in tl.static_range(KW):
+        iw = iw0 + tap_s * dil_w
+        col_taps |= ((iw >= 0) & (iw < W)).to(tl.int32) << tap_s
     if FLAT_K:
+        # C_in under BLOCK_K (the 3-channel stem): K flattened over (r, s, c), so that a K block holds
+        # several taps instead of padding each tap's channels to BLOCK_K.
         for k0 in range(pid_k * BLOCK_K, KH * KW * C_in, BLOCK_K * SPLIT_K):
             k = k0 + offs_k
             k_ok = k < KH * KW * C_in
             c = k % C_in
-            r = k // (C_in * KW)
-            s = (k // C_in) % KW
-            ih = ih0[None, :] + r[:, None] * dil_h
-            iw = iw0[None, :] + s[:, None] * dil_w
-            x_ok = m_ok[None, :] & k_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_tile = tl.load(
-                x_img[None, :] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w + c[:, None].to(tl.int64) * sx_c,
-                mask=x_ok, other=0.0,
-            )
+            tap = tl.where(k_ok, k // C_in, 0)  # past K: tap 0, masked (and no shift past 31 bits)
+            r = tap // KW
+            s = tap - r * KW
+            inside = ((row_taps[None, :] >> r[:, None]) & (col_taps[None, :] >> s[:, None]) & 1) != 0
+            x_offset = (r * dil_h).to(tl.int64) * sx_h + (s * dil_w).to(tl.int64) * sx_w + c.to(tl.int64) * sx_c
+            x_tile = tl.load(x_pix0[None, :] + x_offset[:, None], mask=inside & k_ok[:, None], other=0.0)
             w_tap = r * sw_h + s * sw_w + c * sw_c
             w_tile = tl.load(w_col[:, None] + w_tap[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = accumulate(w_tile, x_tile, acc, UPCAST)
     else:
-        # Each K block is one tap (r, s) and one channel block. What a pixel's loads depend on besides the
-        # tap is loop-invariant: the address of its tap (0, 0), and which taps fall inside the image (bit r
-        # of row_taps, bit s of col_taps; none for a pixel past M). A K block then adds one uniform offset
-        # to each pixel's address and tests two bits, where recomputing rows, columns, bounds and 64-bit
-        # products made most of the main loop's instructions (SASS, BENCHMARKS.md).
-        x_pix0 = x_img + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
-        row_taps = tl.zeros_like(offs_m)
-        for tap_r in tl.static_range(KH):
-            ih = ih0 + tap_r * dil_h
-            row_taps |= ((ih >= 0) & (ih < H) & m_ok).to(tl.int32) << tap_r
-        col_taps = tl.zeros_like(offs_m)
-        for tap_s in tl.static_range(KW):
-            iw = iw0 + tap_s * dil_w
-            col_taps |= ((iw >= 0) & (iw < W)).to(tl.int32) << tap_s
-        # One flat loop over (tap, channel block) rather than nested loops: the pipeliner overlaps loads
-        # only within the innermost loop, and a 64-channel layer has a single channel block per tap.
+        # Each K block is one tap (r, s) and one channel block: one uniform offset per pixel. One flat
+        # loop over (tap, channel block) rather than nested loops: the pipeliner overlaps loads only
+        # within the innermost loop, and a 64-channel layer has a single channel block per tap.
         c_blocks = tl.cdiv(C_in, BLOCK_K)
         for kb in range(pid_k, KH * KW * c_blocks, SPLIT_K):
             if KH * KW == 1:
@@ -332,6 +332,8 @@ def conv_bn_act(
     m = n * h_out * w_out
     if m + 256 >= 2**31:  # pixel indices (and the last tile's) are int32; element offsets are int64
         raise Unsupported(f"{m} output pixels exceed the kernel's 32-bit pixel index")
+    if kh > 31 or kw > 31:  # a pixel's in-image taps are int32 bit masks
+        raise Unsupported(f"a {kh}x{kw} kernel exceeds the gather kernel's 31 taps per axis")
     y = layout.empty_conv_output(x, weight, h_out, w_out)
     if m == 0 or c_out == 0:
         return y
