@@ -51,16 +51,18 @@ def _cuobjdump() -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """The instructions of the longest loop (a backward branch's span) that holds a wgmma (or mma)."""
+    """The instructions of the innermost loop (the shortest span of a backward branch) that holds a wgmma
+    (or mma). Innermost, because a longer span can enclose the epilogue too (a barrier's retry branch in
+    the TMA kernels does)."""
     code = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
-    best: list[str] = []
+    best: list[str] | None = None
     for at, text in code:
         branch = re.search(r"\bBRA (?:`\()?(0x[0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < at:
             body = [t for a, t in code if int(branch.group(1), 16) <= a <= at]
-            if any("MMA" in t for t in body) and len(body) > len(best):
+            if any("MMA" in t for t in body) and (best is None or len(body) < len(best)):
                 best = body
-    return best
+    return best or []
 
 
 def compile_case(config: tuple, layer: tuple):
