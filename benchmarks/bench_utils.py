@@ -204,6 +204,22 @@ class ConvShape:
         return 2.0 * n * self.h_out**2 * self.c_out * self.c_in * self.k * self.k
 
 
+def conv_bn_act_arguments(shape: ConvShape, device, batch: int = 1) -> tuple:
+    """The ``conv_bn_act`` arguments of a ResNet-50 convolution as a model cast to bf16 has them (channels_last,
+    its BatchNorm's parameters and statistics bf16 too, the residual where the epilogue adds one)."""
+    bf16, cl = torch.bfloat16, torch.channels_last
+    x = torch.randn(batch, shape.c_in, shape.h, shape.h, device=device, dtype=bf16).contiguous(memory_format=cl)
+    w = torch.randn(shape.c_out, shape.c_in, shape.k, shape.k, device=device, dtype=bf16).contiguous(memory_format=cl)
+    gamma, beta, mean = (torch.randn(shape.c_out, device=device, dtype=bf16) for _ in range(3))
+    var = torch.rand(shape.c_out, device=device, dtype=bf16) + 0.5
+    residual = None
+    if shape.epilogue == "add_relu":
+        residual = torch.randn(batch, shape.c_out, shape.h_out, shape.h_out, device=device, dtype=bf16)
+        residual = residual.contiguous(memory_format=cl)
+    return (x, w, None, gamma, beta, mean, var, 1e-5, (shape.stride,) * 2, (shape.pad,) * 2, (1, 1), 1, residual,
+            shape.epilogue != "none")
+
+
 def _trace_convs(model: torch.nn.Module, size: int) -> list[tuple]:
     """(conv module name, conv, input HxW) for every conv, from a forward pass on the meta device."""
     seen = []

@@ -70,16 +70,13 @@ def compile_case(config: tuple, layer: tuple):
     import torch
     import triton
 
+    from benchmarks.bench_utils import ConvShape, conv_bn_act_arguments
     from resnet_fast.kernels import conv_gather
 
     bm, bn, bk, stages, warps = config
     k, c_in, c_out, h, stride, batch, split = layer
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16, cl = torch.bfloat16, torch.channels_last
-    x = torch.randn(batch, c_in, h, h, device=device, dtype=bf16).contiguous(memory_format=cl)
-    w = torch.randn(c_out, c_in, k, k, device=device, dtype=bf16).contiguous(memory_format=cl)
-    gamma, beta, mean = (torch.randn(c_out, device=device, dtype=bf16) for _ in range(3))
-    var = torch.rand(c_out, device=device, dtype=bf16) + 0.5
+    call = conv_bn_act_arguments(ConvShape(c_in, c_out, k, stride, k // 2, h, "relu"), device, batch)
     pinned = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
                            num_warps=warps)
     direct = conv_gather._launch.kernel
@@ -88,8 +85,7 @@ def compile_case(config: tuple, layer: tuple):
     direct._compiled.clear()
     os.environ["RESNET_FAST_SPLIT_K"] = str(split)
     with conv_gather._launch.pinned(pinned):
-        conv_gather.conv_bn_act(x, w, None, gamma, beta, mean, var, 1e-5, (stride,) * 2, (k // 2,) * 2, (1, 1), 1,
-                                None, True)
+        conv_gather.conv_bn_act(*call)
     (compiled,) = direct._compiled.values()
     return compiled
 
@@ -117,11 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks import stub_driver
 
-    if not stub_driver.active():
-        import torch
-
-        if not torch.cuda.is_available():
-            stub_driver.main(["-m", __spec__.name, *sys.argv[1:]])  # runs this again, on the stub
+    stub_driver.rerun_without_gpu(__spec__.name, sys.argv[1:])
     import torch
     import triton
 

@@ -82,6 +82,17 @@ def launch_as_on_the_h200() -> None:
     conv_gather._multiprocessors = lambda device: MULTIPROCESSORS
 
 
+def rerun_without_gpu(module: str, argv: list[str]) -> None:
+    """A script's entry: returns where the script should run here (a GPU, or already on the stub); without
+    a GPU, runs ``python -m module argv`` again on the stub instead (and does not return)."""
+    if active():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        main(["-m", module, *argv])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] not in ("-m", "-c"):
         raise SystemExit(__doc__)

@@ -34,22 +34,6 @@ import sys
 import time
 
 
-def _conv_arguments(torch, shape, device) -> tuple:
-    """The ``conv_bn_act`` arguments of one ResNet-50 convolution at batch 1, as a model cast to bf16 has
-    them (its BatchNorm's parameters and statistics bf16 too)."""
-    bf16, cl = torch.bfloat16, torch.channels_last
-    x = torch.randn(1, shape.c_in, shape.h, shape.h, device=device, dtype=bf16).contiguous(memory_format=cl)
-    w = torch.randn(shape.c_out, shape.c_in, shape.k, shape.k, device=device, dtype=bf16).contiguous(memory_format=cl)
-    gamma, beta, mean = (torch.randn(shape.c_out, device=device, dtype=bf16) for _ in range(3))
-    var = torch.rand(shape.c_out, device=device, dtype=bf16) + 0.5
-    residual = None
-    if shape.epilogue == "add_relu":
-        residual = torch.randn(1, shape.c_out, shape.h_out, shape.h_out, device=device, dtype=bf16)
-        residual = residual.contiguous(memory_format=cl)
-    return (x, w, None, gamma, beta, mean, var, 1e-5, (shape.stride,) * 2, (shape.pad,) * 2, (1, 1), 1, residual,
-            shape.epilogue != "none")
-
-
 def _host_times(fn, args, calls: int, synchronize) -> list[float]:
     """Host seconds of ``calls`` calls of ``fn(*args)`` (queued work synchronized after them)."""
     times = []
@@ -58,6 +42,19 @@ def _host_times(fn, args, calls: int, synchronize) -> list[float]:
         fn(*args)
         times.append(time.perf_counter() - start)
     synchronize()
+    return times
+
+
+def _timed_passes(calls: dict, count: int, synchronize) -> dict:
+    """``{key: host seconds of each timed call}`` for ``calls = {key: (fn, args)}``: a warm-up (compilation,
+    autotuning), then three passes of ``count // 3`` calls of each over all of them, so that the machine's
+    drift spreads over every case rather than landing on the first ones."""
+    times = {key: [] for key in calls}
+    for n, kept in [(3, False)] + [(max(1, count // 3), True)] * 3:
+        for key, (fn, args) in calls.items():
+            timed = _host_times(fn, args, n, synchronize)
+            if kept:
+                times[key] += timed
     return times
 
 
@@ -107,13 +104,8 @@ def _time_forwards(torch, cases, forwards: int, synchronize, profile: bool) -> N
     import resnet_fast
     from resnet_fast import backends
 
-    times = {name: [] for name, _, _ in cases}
     with resnet_fast.backend("triton", strict=True), torch.no_grad():
-        for calls, kept in [(3, False)] + [(max(1, forwards // 3), True)] * 3:
-            for name, fn, x in cases:
-                timed = _host_times(fn, (x,), calls, synchronize)
-                if kept:
-                    times[name] += timed
+        times = _timed_passes({name: (fn, (x,)) for name, fn, x in cases}, forwards, synchronize)
         with backends.record_dispatch() as counts:
             cases[0][1](cases[0][2])
         print("batch-1 resnet50 (bf16, channels_last, eval, no grad): median host ms per call")
@@ -134,13 +126,9 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks import stub_driver
 
-    if not stub_driver.active():
-        import torch
-
-        if not torch.cuda.is_available():
-            stub_driver.main(["-m", __spec__.name, *sys.argv[1:]])  # runs this again, on the stub
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            parser.error("this times compiled kernels' launches: unset TRITON_INTERPRET")
+    stub_driver.rerun_without_gpu(__spec__.name, sys.argv[1:])
+    if not stub_driver.active() and os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("this times compiled kernels' launches: unset TRITON_INTERPRET")
     import torch
 
     stub = stub_driver.active()
@@ -159,19 +147,12 @@ def main() -> None:
     shapes = bu.resnet50_conv_shapes()[: args.shapes]
     cases = []
     for shape in shapes:
-        call = _conv_arguments(torch, shape, device)
+        call = bu.conv_bn_act_arguments(shape, device)
         # The split the launch makes (on the stub, the H200's).
         split = conv_gather._split_k_for(call[0], shape.h_out**2, shape.c_out, shape.k**2 * cdiv(shape.c_in, 64))
         cases.append((shape, call, split))
-    # Warm-up (compilation, autotuning), then the timed calls in passes over all the shapes, so that the
-    # machine's drift spreads over every shape rather than landing on the first ones.
-    times = {(shape, name): [] for shape, _, _ in cases for name in impls}
-    for calls, kept in [(3, False)] + [(max(1, args.calls // 3), True)] * 3:
-        for shape, call, _ in cases:
-            for name, fn in impls.items():
-                timed = _host_times(fn, call, calls, synchronize)
-                if kept:
-                    times[shape, name] += timed
+    times = _timed_passes({(shape, name): (fn, call) for shape, call, _ in cases for name, fn in impls.items()},
+                          args.calls, synchronize)
     print(f"{'shape (batch 1, bf16)':<34} {'split-K':>7} " + " ".join(f"{name + ' us':>10}" for name in impls))
     totals = dict.fromkeys(impls, 0.0)
     for shape, _, split in cases:
@@ -182,8 +163,10 @@ def main() -> None:
     count = sum(s.count for s in shapes)
     print(f"sum over the {count} convolutions of a batch-1 forward: "
           + ", ".join(f"{name} {total / 1e3:.2f} ms" for name, total in totals.items()))
-    driver = f"stub libcuda ({stub_driver.DEVICE}'s table, {stub_driver.MULTIPROCESSORS} multiprocessors)" if stub else \
-        torch.cuda.get_device_name()
+    if stub:
+        driver = f"stub libcuda ({stub_driver.DEVICE}'s table, {stub_driver.MULTIPROCESSORS} multiprocessors)"
+    else:
+        driver = torch.cuda.get_device_name()
     import triton
 
     print(f"driver: {driver}; torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}")
