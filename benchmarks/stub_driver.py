@@ -72,14 +72,15 @@ def activate() -> None:
 
 
 def launch_as_on_the_h200() -> None:
-    """resnet_fast's ``"triton"`` backend serves CPU tensors (when selected), and the gather kernel splits K
-    for the H200's multiprocessors, as it does for that GPU's tensors. Not part of :func:`activate`: it
-    imports resnet_fast, which reads its environment settings at import."""
+    """resnet_fast's ``"triton"`` backend serves CPU tensors (when selected), and the kernels see the H200's
+    multiprocessors (the gather kernel's split-K, the persistent GEMM's programs), as they do for that
+    GPU's tensors. Not part of :func:`activate`: it imports resnet_fast, which reads its environment
+    settings at import."""
     from resnet_fast import backends
-    from resnet_fast.kernels import conv_gather
+    from resnet_fast.kernels import conv_common
 
     backends._REGISTRY["triton"].supports_device = lambda device: True
-    conv_gather._multiprocessors = lambda device: MULTIPROCESSORS
+    conv_common.multiprocessors = lambda device: MULTIPROCESSORS
 
 
 def rerun_without_gpu(module: str, argv: list[str]) -> None:

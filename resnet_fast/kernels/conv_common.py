@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Callable, Iterator
 
@@ -30,7 +31,7 @@ from resnet_fast.kernels.launch import MAX_SIGNATURES, DirectLaunch
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
     "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
-    "float32_unsupported_reason", "grouped_tile", "nhwc", "set_output_boxes", "tile_config",
+    "float32_unsupported_reason", "grouped_tile", "multiprocessors", "nhwc", "set_output_boxes", "tile_config",
     "torch_convolutions_use_tf32", "weight_matrix",
 ]
 
@@ -103,6 +104,13 @@ def float32_unsupported_reason(x: torch.Tensor) -> str | None:
         return ("float32 with TF32 on (torch's default) runs on torch's convolution, which rounds operands "
                 "to TF32 where Triton truncates them")
     return None
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessor count of a CUDA device (asked once per device: a property lookup per launch costs
+    host time at batch 1); 0 for any other device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def channel_vector(t: torch.Tensor | None) -> torch.Tensor | None:

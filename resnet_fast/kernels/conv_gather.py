@@ -14,7 +14,6 @@ This is the general path: any channel count, alignment, layout and GPU.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 
 from resnet_fast.backends import Unsupported
+from resnet_fast.kernels import conv_common
 from resnet_fast.kernels.conv_common import (
     SHARED_MEMORY, accumulate, accumulators_fit, channel_vector, configured, dot_flags, grouped_tile,
 )
@@ -253,12 +253,6 @@ _REDUCE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 64}
 _split_k_reduce = DirectLaunch(_split_k_reduce_kernel)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    """The multiprocessor count of a CUDA device; 0 for any other device, where nothing splits."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
 def split_k(m: int, c_out: int, k_blocks: int, multiprocessors: int) -> int:
     """How many ways to split the reduction of a conv with ``m`` output pixels, ``c_out`` channels and
     ``k_blocks`` 64-wide K blocks: the power of two that brings the tile count (counted with 64x128
@@ -281,7 +275,7 @@ def _split_k_for(x: torch.Tensor, m: int, c_out: int, k_blocks: int) -> int:
     forced = os.environ.get("RESNET_FAST_SPLIT_K")
     if forced:
         return max(1, int(forced))
-    return split_k(m, c_out, k_blocks, _multiprocessors(x.device))
+    return split_k(m, c_out, k_blocks, conv_common.multiprocessors(x.device))
 
 
 def _workspace(split: int, m: int, c_out: int, device: torch.device) -> torch.Tensor:

@@ -195,10 +195,7 @@ def conv_bn_act(
     w_desc = TensorDescriptor.from_tensor(weight_matrix(weight), [1, 1])
     y_desc = TensorDescriptor.from_tensor(_rows(y), [1, 1])
     r_desc = None if residual is None else TensorDescriptor.from_tensor(_rows(residual), [1, 1])
-    if conv_common.INTERPRET:
-        programs = _INTERPRETER_PROGRAMS
-    else:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = _INTERPRETER_PROGRAMS if conv_common.INTERPRET else conv_common.multiprocessors(x.device)
 
     def grid(meta: dict) -> tuple[int]:
         return (min(programs, launch.cdiv(m, meta["BLOCK_M"]) * launch.cdiv(c_out, meta["BLOCK_N"])),)
