@@ -22,11 +22,17 @@
 #     kernels     the headline kernel benchmarks (per-layer table, stem, add_relu, batch_norm_act)
 #     first-call  benchmarks/first_call.py cold (empty Triton and tuning caches, no table: 75 s on the
 #                 H200), then warm (a second process: 0.6 s)
+#     profile     where the time goes: benchmarks/graph_profile.py (the batch-1 graph replay, kernel by
+#                 kernel, resnet_fast's and torchvision's), then Nsight Compute's counters for the layers
+#                 that lose most to cuDNN (benchmarks/ncu_layers.py under ncu --set full; skipped where
+#                 there is no ncu); the raw and details CSVs go into logs.tar.gz
 #   bash benchmarks/gpu_session.sh tests models      # only these phases (still in the order above)
 #   BUDGET_S=300 BENCH_SELECT="" bash benchmarks/gpu_session.sh kernels   # every kernel benchmark
 #   TESTS=tests/test_tuning.py TESTS_K=gather bash benchmarks/gpu_session.sh tests   # a rerun of some tests
 #   LIMIT_TESTS=120 BENCH_K_MODELS="resnet50 and not compile" bash benchmarks/gpu_session.sh   # a shorter lease
 #   HOST_ARGS="--shapes 4" bash benchmarks/gpu_session.sh host   # other arguments for triton_host_cost.py
+#   GRAPH_PROFILE_ARGS="--calls 50" NCU_LAYERS_ARGS="--layers 3x3s1-64to64-56px-relu" \
+#     bash benchmarks/gpu_session.sh profile                      # other arguments for the two profilers
 #
 # Results, at most 8 files, in $OUT (or ./gpu-out): summary.txt (device, versions, each phase's status
 # and time, the first-call table, the main job's report), logs.tar.gz (every log, the tests' JUnit XML,
@@ -46,7 +52,7 @@ export PYTHONUNBUFFERED=1
 budget=${BUDGET_S:-540}
 select=${BENCH_SELECT--m headline}
 workers=${TEST_WORKERS:-14}
-phases=" ${*:-build tests table models host main kernels first-call} "
+phases=" ${*:-build tests table models host main kernels first-call profile} "
 # The files with GPU tests; the rest are CPU tests that CI runs.
 gpu_tests="tests/test_triton.py tests/test_launch.py tests/test_cuda_ext.py tests/test_cuda_graph.py \
 tests/test_stem.py tests/test_conv_tma.py tests/test_tuning.py"
@@ -133,6 +139,26 @@ cp "$RESNET_FAST_TUNING_CACHE"/*.json "$work/" 2>/dev/null  # what was timed bey
 run_phase first-call 150 python3 benchmarks/first_call.py --case cold --case warm --work "$work/first-call" \
   --json "$logs/first-call.json"
 
+# The profile phase's ncu report stays in $work (megabytes); its CSVs go into the logs.
+profile() {
+  # shellcheck disable=SC2086  # GRAPH_PROFILE_ARGS and NCU_LAYERS_ARGS are lists of words
+  python3 -m benchmarks.graph_profile ${GRAPH_PROFILE_ARGS-} || return
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -z "$ncu" ]]; then
+    echo "ncu: not found, so no hardware counters"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  "$ncu" --profile-from-start off --clock-control none --set full -f -o "$work/ncu-layers" \
+    python3 -m benchmarks.ncu_layers run --manifest "$logs/ncu-manifest.txt" ${NCU_LAYERS_ARGS-} || return
+  "$ncu" --import "$work/ncu-layers.ncu-rep" --csv --page raw > "$logs/ncu-layers-raw.csv" || return
+  "$ncu" --import "$work/ncu-layers.ncu-rep" --csv --page details > "$logs/ncu-layers-details.csv"
+  python3 -m benchmarks.ncu_layers summary "$logs/ncu-layers-raw.csv" "$logs/ncu-manifest.txt"
+}
+export -f profile
+run_phase profile 150 profile
+
 runs=()
 for json in "$out"/bench-*.json; do [[ -s "$json" ]] && runs+=("$json"); done
 if ((${#runs[@]})); then
@@ -149,6 +175,8 @@ done
   echo "--- host time per batch-1 convolution and forward (benchmarks/triton_host_cost.py)"
   grep -E "^[0-9]+x[0-9]+s|^shape |^sum over|^driver|^batch-1 resnet50|^  (resnet_fast|torchvision) |^ops of" \
     "$logs/host.log" 2>/dev/null
+  echo "--- where the time goes (benchmarks/graph_profile.py, benchmarks/ncu_layers.py)"
+  grep -vE "^(==|USDT|ERROR:|WARNING:)" "$logs/profile.log" 2>/dev/null | tail -80
   echo "--- main job"
   tail -25 "$logs/main.log" 2>/dev/null
   echo "--- failed or erroring tests"

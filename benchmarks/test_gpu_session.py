@@ -49,3 +49,13 @@ def test_the_host_phase_reports_its_table(tmp_path):
     table = summary.split("--- host time per batch-1 convolution")[1]
     assert "\n7x7s2-3to64-224px-relu-x1 " in table and "sum over the 2 convolutions" in table, summary
     assert '\n  resnet_fast forward_features ("triton") ' in table and "\nops of forward_features" in table, summary
+
+
+def test_the_profile_phase_reports_where_the_time_goes(tmp_path):
+    summary = _session(tmp_path, "profile", GRAPH_PROFILE_ARGS="--device cpu --arch tiny_resnet10 --calls 3 --dtype fp32",
+                       PATH=f"{os.path.dirname(shutil.which('python3'))}:/usr/bin:/bin")  # no ncu on the path
+    assert "phase profile: rc=0" in summary, summary
+    report = summary.split("--- where the time goes")[1]
+    assert "\nresnet_fast tiny_resnet10 b1 fp32 (eager, CPU ops): " in report, summary
+    assert "\ntorchvision tiny_resnet10 b1 fp32 (eager, CPU ops): " in report, summary
+    assert "\nncu: not found, so no hardware counters" in report, summary
