@@ -4,6 +4,8 @@ import contextlib
 import copy
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -51,6 +53,23 @@ def poisoned_outputs(monkeypatch):
         allocate = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *args, _allocate=allocate, **kwargs: _allocate(*args, **kwargs)
                             .fill_(float("nan")))
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+needs_a_driver = pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
+                                    reason="without a GPU, builds the stub libcuda with gcc")
+
+
+def run_on_a_driver(code: str) -> str:
+    """``code`` in a fresh process on the GPU, or without one on Triton's driver over the stub libcuda
+    (benchmarks/stub_driver.py: kernels compile for sm_90, launches reach the driver, nothing runs); its
+    output."""
+    command = [sys.executable, "-c", code] if torch.cuda.is_available() else \
+        [sys.executable, "-m", "benchmarks.stub_driver", "-c", code]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -11,10 +11,6 @@ tensor gets a kernel of its own.
 from __future__ import annotations
 
 import itertools
-import pathlib
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,9 +18,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.jit import native_specialize_impl
 
+from helpers import needs_a_driver, run_on_a_driver
 from resnet_fast.kernels.launch import cdiv, next_power_of_2, signature
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _values() -> list:
@@ -137,24 +132,11 @@ print("Triton launches")
 """
 
 
-needs_a_driver = pytest.mark.skipif(not torch.cuda.is_available() and shutil.which("gcc") is None,
-                                    reason="without a GPU, builds the stub libcuda with gcc")
-
-
-def _run(code: str) -> str:
-    """``code`` in a fresh process on the GPU, or without one on the stub libcuda; its output."""
-    command = [sys.executable, "-c", code] if torch.cuda.is_available() else \
-        [sys.executable, "-m", "benchmarks.stub_driver", "-c", code]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done.stdout
-
-
 @needs_a_driver
 def test_direct_launches_pass_the_driver_what_tritons_launches_pass():
-    assert "launches match" in _run(_CHILD)
+    assert "launches match" in run_on_a_driver(_CHILD)
 
 
 @needs_a_driver
 def test_direct_launch_can_be_turned_off():
-    assert "Triton launches" in _run(_CHILD_DISABLED)
+    assert "Triton launches" in run_on_a_driver(_CHILD_DISABLED)

@@ -21,7 +21,7 @@ import torch
 
 from conftest import requires_cuda
 from helpers import (  # noqa: F401 (poisoned_outputs: an autouse fixture)
-    DEVICE, INTERPRET, check_conv, check_stem, poisoned_outputs, stem_tensors,
+    DEVICE, INTERPRET, check_conv, check_stem, needs_a_driver, poisoned_outputs, run_on_a_driver, stem_tensors,
 )
 
 triton = pytest.importorskip("triton")
@@ -304,6 +304,55 @@ def test_a_partial_batch_uses_the_choice_timed_for_the_full_one(tuned_on_cpu):
     assert tuned_on_cpu.timed == [] and len(launcher._chosen) == 1
     check_conv(1, *rest)
     assert tuned_on_cpu.timed
+
+
+def test_a_shape_first_seen_in_a_graph_capture_is_not_timed_there(tuned_on_cpu, monkeypatch):
+    """Timing candidates synchronizes the device, which a CUDA graph capture forbids (and would record every
+    candidate's launches into the graph): inside a capture a shape with no choice yet runs the fixed
+    config, says so once, and nothing is remembered, so the first call outside times the candidates."""
+    from resnet_fast import backends
+
+    launcher = tuned_on_cpu.new_process()
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(conv_common, "capturing", lambda: True)
+    with pytest.warns(RuntimeWarning, match="first seen inside a CUDA graph capture"):
+        check_conv(*_SHAPE)
+    assert tuned_on_cpu.timed == [] and launcher._chosen == {} and not tuned_on_cpu.cache_file.exists()
+    monkeypatch.setattr(conv_common, "capturing", lambda: False)
+    check_conv(*_SHAPE)
+    assert len(tuned_on_cpu.timed) == len(_candidates()) and len(launcher._chosen) == 1
+
+
+_CAPTURED_CHILD = r"""
+import os, warnings
+os.environ["RESNET_FAST_AUTOTUNE"] = "1"
+import torch
+from resnet_fast.kernels import conv_common, conv_gather
+
+conv_common.capturing = lambda: True
+device = "cuda" if torch.cuda.is_available() else "cpu"  # on the stub: CPU tensors, nothing runs
+cl, bf16 = torch.channels_last, torch.bfloat16
+x = torch.randn(1, 40, 7, 7, device=device, dtype=bf16).contiguous(memory_format=cl)  # in no committed table
+w = torch.randn(40, 40, 3, 3, device=device, dtype=bf16).contiguous(memory_format=cl)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        conv_gather.conv_bn_act(x, w, None, None, None, None, None, 1e-5, (1, 1), (1, 1), (1, 1), 1, None, True)
+assert [str(w.message) for w in caught if "graph capture" in str(w.message)], [str(w.message) for w in caught]
+launcher = conv_gather._launch
+assert launcher._chosen == {} and launcher._plans == {}, (launcher._chosen, launcher._plans)
+((_, _, constexprs),) = launcher.kernel._compiled
+fixed = {**launcher.fixed.kwargs, "num_warps": launcher.fixed.num_warps, "num_stages": launcher.fixed.num_stages}
+assert {name: value for name, _, value in constexprs if name in fixed} == fixed, constexprs
+print("the fixed config, nothing kept")
+"""
+
+
+@needs_a_driver
+def test_a_launch_inside_a_capture_keeps_no_plan():
+    """The compiled path (DirectLaunch, on the stub driver or a GPU): a capture's fixed config is launched
+    but neither chosen nor kept as the signature's plan, which would otherwise serve every later call."""
+    assert "the fixed config, nothing kept" in run_on_a_driver(_CAPTURED_CHILD)
 
 
 def _committed_tables() -> list:

@@ -55,6 +55,7 @@ __all__ = [
     "set_backend",
     "unavailable_reason",
     "unregister_backend",
+    "warn_once",
 ]
 
 AUTO = "auto"
@@ -196,7 +197,8 @@ def backend(name: str, *, strict: bool = False) -> Iterator[None]:
         _selection.reset(token)
 
 
-def _warn_once(key: tuple, message: str) -> None:
+def warn_once(key: tuple, message: str) -> None:
+    """A RuntimeWarning said once per process for ``key`` (resnet_fast's fallbacks and defaults)."""
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -234,7 +236,7 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
         return sel.name, _REGISTRY[sel.name].ops()[op]
     if sel.strict:
         raise BackendUnavailable(reason)
-    _warn_once((sel.name, op, reason), f"{reason}; using the 'torch' reference backend instead")
+    warn_once((sel.name, op, reason), f"{reason}; using the 'torch' reference backend instead")
     return "torch", _REGISTRY["torch"].ops()[op]
 
 
@@ -264,12 +266,12 @@ def _run(op: str, name: str, fn: Callable, *args, **kwargs):
             if sel.strict:
                 raise
             if sel.name != AUTO:
-                _warn_once((name, op, str(e)), f"backend {name!r}: {e}; using the 'torch' reference backend for these calls")
+                warn_once((name, op, str(e)), f"backend {name!r}: {e}; using the 'torch' reference backend for these calls")
             name, out = "torch", _REGISTRY["torch"].ops()[op](*args, **kwargs)
         except Exception as e:
             if _selection.get().strict:
                 raise
-            _warn_once(
+            warn_once(
                 (name, op, "failed"),
                 f"backend {name!r} failed on {op!r} ({type(e).__name__}: {e}); using the 'torch' reference backend",
             )

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from resnet_fast.backends import warn_once
 from resnet_fast.kernels import tuning
 from resnet_fast.kernels.launch import MAX_SIGNATURES, DirectLaunch
 
 __all__ = [
     "AUTOTUNE", "INTERPRET", "Launcher", "NotACandidate", "SHARED_MEMORY", "accumulate", "accumulators_fit",
-    "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
+    "capturing", "channel_vector", "configured", "ROW_BYTES", "descriptor_unsupported_reason", "dot_flags", "fits",
     "float32_unsupported_reason", "grouped_tile", "multiprocessors", "nhwc", "set_output_boxes", "tile_config",
     "torch_convolutions_use_tf32", "weight_matrix",
 ]
@@ -137,7 +138,10 @@ class Launcher:
     3. the one chosen earlier in this process for the launch's autotune key;
     4. a stored choice (:mod:`resnet_fast.kernels.tuning`: this machine's cache, then the committed table
        for this GPU model), if it is still among the candidates ``prune`` keeps for the call;
-    5. Triton's autotuner over those candidates; its choice is added to the cache.
+    5. inside a CUDA graph capture, ``fixed``, with a warning (once): timing candidates synchronizes the
+       device, which a capture forbids, and would record every candidate's launches into the graph.
+       Nothing is remembered, so the first call outside a capture times the candidates;
+    6. Triton's autotuner over those candidates; its choice is added to the cache.
 
     A config's ``pre_hook`` (e.g. setting tensor descriptors' block shapes) runs before every launch with
     that config; ``grid_for`` gets the launch's keyword arguments and the config's. ``heuristics`` (name ->
@@ -200,9 +204,10 @@ class Launcher:
         elif INTERPRET or not AUTOTUNE:
             config = self.interpreter if INTERPRET else self.fixed
         else:
-            config = self._choose(grid_for, nargs, args, kwargs)
+            config, remembered = self._choose(grid_for, nargs, args, kwargs)
             if config is None:  # the autotuner has launched it
                 return
+            planned = planned and remembered
         nargs.update(config.kwargs)
         derived = {name: rule(nargs) for name, rule in self.heuristics.items()}
         if config.pre_hook is not None:
@@ -218,24 +223,27 @@ class Launcher:
             self._plans.clear()
         self._plans[key] = (grid, launch_kwargs)
 
-    def _choose(self, grid_for, nargs: dict, args: tuple, kwargs: dict) -> triton.Config | None:
-        """Steps 3-5 of the class docstring: the config to launch, or None where the autotuner has just
-        timed the candidates and launched its choice."""
+    def _choose(self, grid_for, nargs: dict, args: tuple, kwargs: dict) -> tuple[triton.Config | None, bool]:
+        """Steps 3-6 of the class docstring: ``(config to launch, whether it is this key's choice)``, or
+        ``(None, True)`` where the autotuner has just timed the candidates and launched its choice."""
         device = torch.cuda.current_device()
         key = tuning.key_of(self.key, nargs)
         config = self._chosen.get((device, key))
         if config is not None:
-            return config
+            return config, True
         name, text = torch.cuda.get_device_name(device), tuning.key_text(self.key, key)
         config = self._stored(name, text, nargs)
         if config is not None:
             self._chosen[device, key] = config
-            return config
+            return config, True
+        if capturing():
+            _warn_untuned_in_capture(self.family, text)
+            return self.fixed, False
         self.autotuner[grid_for](*args, **kwargs)
         self._chosen[device, key] = self.autotuner.best_config
         if tuning.enabled():
             tuning.store(name, self.family, text, self.autotuner.best_config)
-        return None
+        return None, True
 
     def _stored(self, device_name: str, key: str, nargs: dict) -> triton.Config | None:
         """The stored choice for the key ``key`` (as the tables write it), if it is one of this call's
@@ -244,6 +252,18 @@ class Launcher:
         if entry is None:
             return None
         return next((c for c in self.prune(self.configs, nargs) if tuning.config_entry(c) == entry), None)
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False where there is no CUDA device)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _warn_untuned_in_capture(family: str, key: str) -> None:
+    warn_once(("untuned in capture", family),
+              f"resnet_fast: a {family} convolution ({key}) was first seen inside a CUDA graph capture, where its "
+              "tile configs cannot be timed, so the graph runs an untuned default; run the forward once at this "
+              "shape before capturing (resnet_fast.cuda_graph does) to capture the tuned kernel")
 
 
 def configured(kernel: triton.JITFunction, *, family: str, configs: list[triton.Config], key: list[str],
