@@ -69,6 +69,7 @@ def activate() -> None:
     driver.set_active(stub)
     torch.cuda.current_device = lambda: 0
     torch.cuda.get_device_name = lambda device=None: DEVICE
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
 
 
 def launch_as_on_the_h200() -> None:

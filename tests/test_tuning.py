@@ -141,6 +141,7 @@ def test_a_pinned_config_that_pruning_drops_raises():
 # ---------------------------------------------------------------- choices that outlive the process
 
 GPU_NAME = "Test GPU 80GB"
+GPU_CAPABILITY, GPU_MULTIPROCESSORS = (9, 0), 132
 _SHAPE = (1, 16, 40, (7, 7), (3, 3), 1, 1, 1, F16, True, False, True)  # 49 pixels, 40 channels: 5 candidates
 
 
@@ -156,9 +157,11 @@ def tuned_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(conv_common, "AUTOTUNE", True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU_NAME)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: GPU_CAPABILITY)
+    monkeypatch.setattr(conv_common, "multiprocessors", lambda device: GPU_MULTIPROCESSORS)
     monkeypatch.setenv("RESNET_FAST_TUNING_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tuning, "COMMITTED", tmp_path / "tuned")
-    tuning._committed.cache_clear()
+    tuning._committed_tables.cache_clear()
     monkeypatch.setenv(conv.FORCE_VARIABLE, "gather")
     monkeypatch.setenv("RESNET_FAST_SPLIT_K", "1")
     timed = []
@@ -178,14 +181,14 @@ def tuned_on_cpu(monkeypatch, tmp_path):
             self.timed = timed
 
         def new_process(self) -> Launcher:
-            tuning._committed.cache_clear()
+            tuning._committed_tables.cache_clear()
             launcher = conv_gather._launch.with_timer(cpu_timer)
             monkeypatch.setattr(conv_gather, "_launch", launcher)
             timed.clear()
             return launcher
 
     yield State()
-    tuning._committed.cache_clear()
+    tuning._committed_tables.cache_clear()
 
 
 def _chosen(launcher: Launcher) -> triton.Config:
@@ -205,6 +208,7 @@ def test_a_timed_choice_is_cached_and_the_next_process_times_nothing(tuned_on_cp
     chosen = _chosen(first)
     table = json.loads(tuned_on_cpu.cache_file.read_text())
     assert table["device"] == GPU_NAME and table["triton"] == triton.__version__
+    assert table["capability"] == list(GPU_CAPABILITY) and table["multiprocessors"] == GPU_MULTIPROCESSORS
     (entry,) = table["configs"]["gather"].values()
     assert entry == tuning.config_entry(chosen)
 
@@ -231,6 +235,26 @@ def test_the_committed_table_spares_the_timing(tuned_on_cpu):
     check_conv(*_SHAPE)
     assert tuned_on_cpu.timed == [] and _chosen(launcher) is slowest
     assert not tuned_on_cpu.cache_file.exists()  # nothing was timed, so nothing is added
+
+
+@pytest.mark.parametrize("multiprocessors,timed", [(GPU_MULTIPROCESSORS, False), (114, True)])
+def test_a_table_of_the_same_architecture_serves_another_gpu_model(tuned_on_cpu, multiprocessors, timed):
+    """A GPU model without a table of its own uses one recorded on another model with the same compute
+    capability and multiprocessor count (an H100 SXM the H200's), not one of another architecture."""
+    slowest = _candidates()[-1]
+    tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    (key,) = json.loads(tuned_on_cpu.cache_file.read_text())["configs"]["gather"]
+    tuned_on_cpu.cache_file.unlink()
+    tuned_on_cpu.committed_file.parent.mkdir()
+    (tuned_on_cpu.committed_file.parent / "other-gpu-141gb.json").write_text(json.dumps(
+        {"device": "Other GPU 141GB", "capability": list(GPU_CAPABILITY), "multiprocessors": multiprocessors,
+         "configs": {"gather": {key: tuning.config_entry(slowest)}}}))
+
+    launcher = tuned_on_cpu.new_process()
+    check_conv(*_SHAPE)
+    assert bool(tuned_on_cpu.timed) is timed
+    assert (_chosen(launcher) is slowest) is not timed
 
 
 def test_a_stored_choice_that_is_no_longer_a_candidate_is_timed_again(tuned_on_cpu):
@@ -331,6 +355,10 @@ from resnet_fast.kernels import conv_common, conv_gather
 
 conv_common.capturing = lambda: True
 device = "cuda" if torch.cuda.is_available() else "cpu"  # on the stub: CPU tensors, nothing runs
+if device == "cpu":
+    from benchmarks import stub_driver
+
+    stub_driver.launch_as_on_the_h200()  # the device queries a launch makes, answered as the H200's
 cl, bf16 = torch.channels_last, torch.bfloat16
 x = torch.randn(1, 40, 7, 7, device=device, dtype=bf16).contiguous(memory_format=cl)  # in no committed table
 w = torch.randn(40, 40, 3, 3, device=device, dtype=bf16).contiguous(memory_format=cl)
@@ -365,6 +393,7 @@ def test_committed_tables_name_only_candidate_configs():
     for path in _committed_tables():
         table = json.loads(path.read_text())
         assert path.stem == tuning.device_slug(table["device"]), path
+        assert len(table["capability"]) == 2 and table["multiprocessors"] > 0, path  # its architecture
         for family, entries in table["configs"].items():
             known = [tuning.config_entry(c) for c in families[family]._GPU_CONFIGS]
             assert all(entry in known for entry in entries.values()), (path, family)

@@ -231,8 +231,8 @@ class Launcher:
         config = self._chosen.get((device, key))
         if config is not None:
             return config, True
-        name, text = torch.cuda.get_device_name(device), tuning.key_text(self.key, key)
-        config = self._stored(name, text, nargs)
+        gpu, text = _gpu(device), tuning.key_text(self.key, key)
+        config = self._stored(gpu, text, nargs)
         if config is not None:
             self._chosen[device, key] = config
             return config, True
@@ -242,16 +242,22 @@ class Launcher:
         self.autotuner[grid_for](*args, **kwargs)
         self._chosen[device, key] = self.autotuner.best_config
         if tuning.enabled():
-            tuning.store(name, self.family, text, self.autotuner.best_config)
+            tuning.store(gpu, self.family, text, self.autotuner.best_config)
         return None, True
 
-    def _stored(self, device_name: str, key: str, nargs: dict) -> triton.Config | None:
+    def _stored(self, gpu: tuning.Gpu, key: str, nargs: dict) -> triton.Config | None:
         """The stored choice for the key ``key`` (as the tables write it), if it is one of this call's
         candidates."""
-        entry = tuning.lookup(device_name, self.family, key) if tuning.enabled() else None
+        entry = tuning.lookup(gpu, self.family, key) if tuning.enabled() else None
         if entry is None:
             return None
         return next((c for c in self.prune(self.configs, nargs) if tuning.config_entry(c) == entry), None)
+
+
+def _gpu(device: int) -> tuning.Gpu:
+    """CUDA device ``device`` as the tuning tables know it."""
+    return tuning.Gpu(torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device)),
+                      multiprocessors(torch.device("cuda", device)))
 
 
 def capturing() -> bool:

@@ -7,7 +7,10 @@ descriptors' boxes in one), so resnet_fast keeps the choices itself, in one form
 
 * committed tables, ``resnet_fast/kernels/tuned/<gpu>.json``, recorded on that GPU model (a session with
   the GPU copies its cache file there), so a first process on a fresh machine compiles each shape's
-  winner only;
+  winner only. A GPU model without a table of its own uses those of its architecture: the same compute
+  capability and multiprocessor count, hence the same shared memory per block, candidates and split-K
+  (an H100 SXM uses the H200's table: both are sm_90 with 132 multiprocessors); what differs between
+  them, memory bandwidth, can cost speed, never correctness;
 * a cache, ``$RESNET_FAST_TUNING_CACHE`` (default ``~/.cache/resnet_fast/tuning``) ``/<gpu>.json``, to
   which each process adds the choices it timed, so that a later process on the machine times nothing.
 
@@ -31,12 +34,15 @@ import pathlib
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass
 
 import triton
 
 from resnet_fast.kernels.launch import next_power_of_2
 
-__all__ = ["COMMITTED", "cache_dir", "config_entry", "device_slug", "enabled", "key_of", "key_text", "lookup", "store"]
+__all__ = [
+    "COMMITTED", "Gpu", "cache_dir", "config_entry", "device_slug", "enabled", "key_of", "key_text", "lookup", "store",
+]
 
 # The committed tables; RESNET_FAST_TUNED_DIR names another folder of them (a site's own, or a measurement
 # of a fresh machine that has a table: benchmarks/first_call.py).
@@ -52,6 +58,20 @@ def cache_dir() -> pathlib.Path:
     if configured:
         return pathlib.Path(configured)
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "resnet_fast" / "tuning"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU as the tables know it: its name (the tables' file name, :func:`device_slug`) and its
+    architecture, the compute capability and multiprocessor count."""
+
+    name: str
+    capability: tuple[int, int]
+    multiprocessors: int
+
+    @property
+    def architecture(self) -> tuple[int, int, int]:
+        return (*self.capability, self.multiprocessors)
 
 
 def device_slug(name: str) -> str:
@@ -85,41 +105,60 @@ def config_entry(config: triton.Config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def _read(path: pathlib.Path) -> dict:
+def _read_table(path: pathlib.Path) -> dict:
+    """A table file as a dict (``configs`` at least; empty if there is no such file or it is unreadable)."""
     try:
-        return json.loads(path.read_text())["configs"]
+        table = json.loads(path.read_text())
+        if not isinstance(table["configs"], dict):
+            raise TypeError("'configs' is not an object")
+        return table
     except FileNotFoundError:
-        return {}
+        return {"configs": {}}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        warnings.warn(f"resnet_fast: ignoring the tuning table {path} ({type(e).__name__}: {e})", stacklevel=3)
-        return {}
+        warnings.warn(f"resnet_fast: ignoring the tuning table {path} ({type(e).__name__}: {e})", stacklevel=4)
+        return {"configs": {}}
+
+
+def _architecture(table: dict) -> tuple | None:
+    """The ``(major, minor, multiprocessors)`` a table was recorded on, if it says."""
+    try:
+        return (*map(int, table["capability"]), int(table["multiprocessors"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 @functools.cache
-def _committed(slug: str) -> dict:
-    return _read(COMMITTED / f"{slug}.json")
+def _committed_tables() -> dict[str, dict]:
+    """Every committed table, by file name (:func:`device_slug`), read once."""
+    return {path.stem: _read_table(path) for path in sorted(COMMITTED.glob("*.json"))}
 
 
-def lookup(device_name: str, family: str, key: str) -> dict | None:
-    """The stored choice (:func:`config_entry`) for ``family`` at ``key`` on this GPU model: this
-    machine's cache first (it was timed here), then the committed table; None if neither has one."""
-    slug = device_slug(device_name)
-    for table in (_read(cache_dir() / f"{slug}.json"), _committed(slug)):
-        entry = table.get(family, {}).get(key)
+def lookup(gpu: Gpu, family: str, key: str) -> dict | None:
+    """The stored choice (:func:`config_entry`) for ``family`` at ``key`` on this GPU: this machine's cache
+    first (it was timed here), then the committed table of this GPU model, then those of other models of
+    its architecture; None if none has one."""
+    slug = device_slug(gpu.name)
+    committed = _committed_tables()
+    tables = [_read_table(cache_dir() / f"{slug}.json"), committed.get(slug, {"configs": {}})]
+    tables += [t for name, t in committed.items() if name != slug and _architecture(t) == gpu.architecture]
+    for table in tables:
+        entry = table["configs"].get(family, {}).get(key)
         if entry is not None:
             return entry
     return None
 
 
-def store(device_name: str, family: str, key: str, config: triton.Config) -> None:
+def store(gpu: Gpu, family: str, key: str, config: triton.Config) -> None:
     """Adds a timed choice to this machine's cache (rewritten whole, atomically; a failure to write
-    costs the next process a re-timing, so it warns instead of raising)."""
-    path = cache_dir() / f"{device_slug(device_name)}.json"
+    costs the next process a re-timing, so it warns instead of raising). The file says which GPU and
+    architecture it was recorded on, so that it can be committed as that model's table as it is."""
+    path = cache_dir() / f"{device_slug(gpu.name)}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        configs = _read(path)
+        configs = _read_table(path)["configs"]
         configs.setdefault(family, {})[key] = config_entry(config)
-        table = {"device": device_name, "triton": triton.__version__, "configs": configs}
+        table = {"device": gpu.name, "capability": list(gpu.capability), "multiprocessors": gpu.multiprocessors,
+                 "triton": triton.__version__, "configs": configs}
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
             json.dump(table, f, indent=1, sort_keys=True)
         os.replace(f.name, path)
