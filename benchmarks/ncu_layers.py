@@ -139,7 +139,7 @@ def summary_rows(kernels: list[dict[str, str]], labels: list[str]) -> list[list[
                   for i in range(len(kernels))]
     rows = []
     for label, kernel in zip(labels, kernels):
-        row = [label, kernel.get("Kernel Name", "?")[:40]]
+        row = [label, (kernel.get("Kernel Name") or kernel.get("Function Name") or "?")[:40]]
         for _, metric, scale in COLUMNS:
             value = _number(kernel.get(metric, ""))
             row.append("-" if value is None else f"{value * scale:.1f}")
