@@ -196,9 +196,12 @@ class ConvShape:
     def h_out(self) -> int:
         return (self.h + 2 * self.pad - self.k) // self.stride + 1
 
+    def layer(self) -> str:
+        """The layer without its count: ``3x3s1-64to64-56px-relu``."""
+        return f"{self.k}x{self.k}s{self.stride}-{self.c_in}to{self.c_out}-{self.h}px-{self.epilogue}"
+
     def id(self) -> str:
-        return (f"{self.k}x{self.k}s{self.stride}-{self.c_in}to{self.c_out}-{self.h}px-{self.epilogue}"
-                f"-x{self.count}")
+        return f"{self.layer()}-x{self.count}"
 
     def flops(self, n: int) -> float:
         return 2.0 * n * self.h_out**2 * self.c_out * self.c_in * self.k * self.k

@@ -54,10 +54,10 @@ _BANK_CONFLICTS = ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
 
 
 def _layer_shapes(names: list[str]) -> list:
-    """The :class:`~benchmarks.bench_utils.ConvShape` of each named layer (its id without ``-xN``)."""
+    """The :class:`~benchmarks.bench_utils.ConvShape` of each named layer (:meth:`~ConvShape.layer`)."""
     from benchmarks import bench_utils as bu
 
-    shapes = {s.id().rsplit("-x", 1)[0]: s for s in bu.resnet50_conv_shapes()}
+    shapes = {s.layer(): s for s in bu.resnet50_conv_shapes()}
     unknown = [name for name in names if name not in shapes]
     if unknown:
         raise SystemExit(f"unknown layers {unknown}; ResNet-50's are {sorted(shapes)}")

@@ -81,7 +81,7 @@ def _tag(benchmark, **kw):
 def _conv_params():
     params = []
     for s in bu.resnet50_conv_shapes():
-        key = s.id().rsplit("-x", 1)[0]
+        key = s.layer()
         mark = pytest.mark.headline if key in HEADLINE_CONVS else pytest.mark.sweep
         for impl in ("rf-triton", "rf-triton-gather", "rf-triton-tma", "rf-cuda", "cudnn-conv", "cudnn-fused",
                      "cudnn-conv+bn+act"):
